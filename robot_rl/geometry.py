@@ -1,0 +1,40 @@
+"""Pose algebra shared by the sim env, the action executor and teleop: the target-update rule.
+
+Quaternions are wxyz (MuJoCo, ROS order differs: convert at the node boundary).
+ARCHITECTURE.md, action semantics: `target_t = target_{t-1} ∘ Δ_t`, translation added in the
+base frame, rotation vector applied on the left (base frame).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+
+def quat_to_rot(q_wxyz: np.ndarray) -> Rotation:
+    return Rotation.from_quat(np.asarray(q_wxyz, dtype=np.float64), scalar_first=True)
+
+
+def rot_to_quat(r: Rotation) -> np.ndarray:
+    q = r.as_quat(scalar_first=True)
+    return q if q[0] >= 0 else -q  # canonical hemisphere: w >= 0
+
+
+def apply_delta(pose: np.ndarray, delta_pos: np.ndarray, delta_rotvec: np.ndarray) -> np.ndarray:
+    """Compose a delta onto an absolute pose (xyz + wxyz): the target-update rule."""
+    out = np.empty(7)
+    out[:3] = pose[:3] + delta_pos
+    out[3:] = rot_to_quat(Rotation.from_rotvec(delta_rotvec) * quat_to_rot(pose[3:]))
+    return out
+
+
+def pose_error(target: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(translation, rotation vector) taking `current` to `target`, both in the base frame."""
+    dr = quat_to_rot(target[3:]) * quat_to_rot(current[3:]).inv()
+    return target[:3] - current[:3], dr.as_rotvec()
+
+
+def delta_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The 6-D delta (xyz, rotvec) with apply_delta(a, *delta) == b."""
+    dp, dr = pose_error(b, a)
+    return np.concatenate([dp, dr])

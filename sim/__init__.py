@@ -1,0 +1,1 @@
+"""MuJoCo tasks, scenes and scripted experts (import as robot_rl.sim)."""
