@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ SCHEMA_VERSION = 1
 
 _KEY_RE = re.compile(r"^(image\.[a-z][a-z0-9_]*|state\.[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?)$")
 _DTYPES = ("uint8", "float32", "float64", "int32", "int64", "bool")
-_ACTION_KINDS = ("ee_delta", "joint")
+_ACTION_KINDS = ("ee_delta", "joint", "env")  # env: an external env's own action vector
 _EE_DELTA_NAMES = ("x", "y", "z", "rx", "ry", "rz", "gripper")
 
 
@@ -138,11 +139,11 @@ class RobotSpec:
     def sim_only_keys(self) -> list[str]:
         return [k.name for k in self.observations if k.sim_only]
 
-    def without_sim_only(self) -> "RobotSpec":
+    def without_sim_only(self) -> RobotSpec:
         return replace(self, observations=tuple(k for k in self.observations if not k.sim_only))
 
     # ---- validation ---------------------------------------------------------------------
-    def validate(self) -> "RobotSpec":
+    def validate(self) -> RobotSpec:
         """Raise SpecError naming the first problem; return self when the spec is consistent."""
         where = f"spec '{self.name}'"
         if self.schema_version != SCHEMA_VERSION:
@@ -224,7 +225,7 @@ class RobotSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RobotSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> RobotSpec:
         try:
             return cls(
                 name=d["name"],
@@ -240,7 +241,7 @@ class RobotSpec:
                             "regenerate it with RobotSpec.to_json()") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "RobotSpec":
+    def from_json(cls, text: str) -> RobotSpec:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:

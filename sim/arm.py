@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import mujoco
 import numpy as np
-
-from robot_rl.geometry import quat_to_rot
 from robot_rl.sim.controller import CartesianImpedance, ImpedanceGains, reference_at
 from robot_rl.sim.scene import ARM_JOINTS, EE_SITE, FT_SITE, GRIPPER_JOINT, GRIPPER_RANGE, HOME_QPOS, TOOL_BODY
+
+from robot_rl.geometry import quat_to_rot
 
 
 class PandaArm:

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import mujoco
 import numpy as np
-
-from robot_rl.geometry import apply_delta
 from robot_rl.sim.arm import PandaArm
 from robot_rl.sim.controller import ImpedanceGains
 from robot_rl.sim.scene import HOME_QPOS, CellConfig, build_cell
+
+from robot_rl.geometry import apply_delta
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec, arm_state_keys, image_key, object_key
 
 MASKS = {
@@ -40,7 +40,7 @@ class Randomization:
     latency_s: tuple[float, float] = (0.0, 0.03)  # delay before a new target takes effect
 
     @classmethod
-    def from_config(cls, cfg: dict | None) -> "Randomization":
+    def from_config(cls, cfg: dict | None) -> Randomization:
         cfg = dict(cfg or {})
         unknown = set(cfg) - set(cls.__dataclass_fields__)
         if unknown:
@@ -62,6 +62,7 @@ class TaskSetup:
     cameras: tuple[str, ...] = ("front", "wrist")
     camera_width: int = 84
     camera_height: int = 84
+    render_geometry: str = "collision"  # collision (coarse meshes, ~2x faster on CPU GL) | visual
     policy_hz: float = 10.0
     controller_hz: float = 500.0
     max_steps: int | None = None
@@ -93,6 +94,8 @@ class FrankaTaskEnv(gym.Env):
             self.setup.gains = gains if isinstance(gains, ImpedanceGains) else ImpedanceGains(**gains)
         if self.setup.obs_mode not in ("state", "image"):
             raise ValueError(f"obs_mode '{self.setup.obs_mode}' is not 'state' or 'image'")
+        if self.setup.render_geometry not in ("collision", "visual"):
+            raise ValueError(f"render_geometry '{self.setup.render_geometry}' is not 'collision' or 'visual'")
         self.render_mode = render_mode
         self.render_size = (render_width, render_height)
         cell = build_cell(CellConfig())
@@ -223,14 +226,19 @@ class FrankaTaskEnv(gym.Env):
                 obs[f"state.object.{name}"] = pose.astype(np.float32)
         else:
             for cam in self.setup.cameras:
-                obs[f"image.{cam}"] = self.render_camera(cam, self.setup.camera_width, self.setup.camera_height)
+                obs[f"image.{cam}"] = self.render_camera(cam, self.setup.camera_width, self.setup.camera_height,
+                                                         self.setup.render_geometry)
         return obs
 
-    def render_camera(self, camera: str, width: int, height: int) -> np.ndarray:
+    def render_camera(self, camera: str, width: int, height: int, geometry: str = "visual") -> np.ndarray:
+        """One RGB frame. `collision` draws the coarse collision meshes instead of the visual ones."""
         r = self._renderers.get((width, height))
         if r is None:
             r = self._renderers[(width, height)] = mujoco.Renderer(self.model, height, width)
-        r.update_scene(self.data, camera=camera)
+        opt = mujoco.MjvOption()
+        if geometry == "collision":
+            opt.geomgroup[:] = [1, 1, 0, 1, 0, 0]  # world/task geoms, no visual meshes, collision meshes
+        r.update_scene(self.data, camera=camera, scene_option=opt)
         return r.render()
 
     def render(self):

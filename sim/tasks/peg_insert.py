@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mujoco
 import numpy as np
-
 from robot_rl.sim.base import MASKS, FrankaTaskEnv
 from robot_rl.sim.experts import ScriptedExpert
 

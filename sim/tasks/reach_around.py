@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import mujoco
 import numpy as np
-
 from robot_rl.sim.base import MASKS, FrankaTaskEnv, Workspace
 from robot_rl.sim.experts import ScriptedExpert
 
@@ -40,11 +39,12 @@ class ReachAroundEnv(FrankaTaskEnv):
     def after_reset(self):
         """Bring the tool to its start pose on the near side of the post, under impedance control."""
         arm = self.arm
-        for _ in range(40):
+        for _ in range(12):
             tgt = arm.target
             step = self._start - tgt[:3]
-            tgt[:3] += step * min(1.0, 0.04 / max(1e-9, np.linalg.norm(step)))
+            tgt[:3] += step * min(1.0, 0.06 / max(1e-9, np.linalg.norm(step)))
             arm.run(tgt, 0.05)
+        arm.run(arm.target, 0.15)
         self._post_geoms = self.body_geoms("post")
         self._robot_geoms = np.flatnonzero(self.model.geom_bodyid > 0)
         self._robot_geoms = self._robot_geoms[~np.isin(self._robot_geoms, self._post_geoms)]

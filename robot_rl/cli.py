@@ -1,0 +1,244 @@
+"""`robot-rl`: the one command-line entry point. Grammar (ARCHITECTURE.md):
+
+    robot-rl <verb> [<sub>] [<store|file>] [key=value ...]
+
+Overrides are Hydra overrides on the config tree shipped in robot_rl/configs. Every user error is
+one line on stderr (what, where, what to do) and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+VERBS: dict[str, dict[str, str]] = {
+    "sim": {"list": "list the tasks", "rollout": "roll out a policy on a task: task=lift policy=scripted episodes=50"},
+    "demo": {"": "the end-to-end demonstration (scripted experts on every task, report with videos)"},
+}
+PLANNED = {"data", "train", "distill", "eval", "record", "replay", "run", "launch", "finetune"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def usage() -> str:
+    lines = ["usage: robot-rl <verb> [<sub>] [<store|file>] [key=value ...]", ""]
+    for verb, subs in VERBS.items():
+        for sub, text in subs.items():
+            lines.append(f"  robot-rl {verb}{' ' + sub if sub else '':<10} {text}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> tuple[str, str, str | None, list[str]]:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        raise SystemExit(usage())
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        if verb in PLANNED:
+            raise UserError(f"'robot-rl {verb}' is not available in this release yet; available: {sorted(VERBS)}")
+        raise UserError(f"unknown verb '{verb}'; verbs: {sorted(VERBS)} (robot-rl --help)")
+    sub = ""
+    if "" not in VERBS[verb]:
+        if not rest or rest[0] not in VERBS[verb]:
+            got = rest[0] if rest else "nothing"
+            raise UserError(f"'robot-rl {verb}' needs one of {sorted(VERBS[verb])}, got {got}")
+        sub, rest = rest[0], rest[1:]
+    positional = [a for a in rest if "=" not in a]
+    overrides = [a for a in rest if "=" in a]
+    if len(positional) > 1:
+        raise UserError(f"'robot-rl {verb} {sub}' takes at most one store or file, got {positional}")
+    return verb, sub, (positional[0] if positional else None), overrides
+
+
+def _map_task(overrides: list[str]) -> list[str]:
+    """`task=<external id>` selects the `external` task config and sets its name."""
+    from robot_rl.sim.registry import TASKS
+
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "task" and value not in TASKS and value != "external":
+            if "/" not in value:
+                raise UserError(f"unknown task '{value}'; tasks: {sorted(TASKS)}, metaworld/<task>-v3 or a gymnasium id")
+            out += ["task=external", f"task.name={value}"]
+        else:
+            out.append(o)
+    return out
+
+
+def _check_types(cfg: DictConfig, ref: DictConfig, where: str = "") -> None:
+    """Overrides keep the type of the default (int stays int, bool stays bool)."""
+    for k, default in ref.items():
+        path = f"{where}{k}"
+        if k not in cfg:
+            continue
+        v = cfg[k]
+        if isinstance(default, DictConfig) and isinstance(v, DictConfig):
+            _check_types(v, default, path + ".")
+        elif default is not None and v is not None and not isinstance(default, (DictConfig, type(OmegaConf.create([])))):
+            ok = isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                raise UserError(f"config key '{path}': expected {type(default).__name__}, got {v!r}")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = _map_task(overrides)
+    try:
+        with initialize_config_module(config_module="robot_rl.configs", version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+            task_only = [o for o in overrides if o.startswith("task=") or o.startswith("task.name=")]
+            ref = hydra_compose(config_name="config", overrides=task_only)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).strip().splitlines()
+        first = text[0] if text else type(e).__name__
+        if "not in struct" in str(e) or "Could not override" in first:
+            key = first.split("'")[1] if "'" in first else "?"
+            raise UserError(f"unknown config key '{key}'; see robot_rl/configs (keys: {_keys_hint(key)})") from None
+        if "Could not find" in first or "not found" in first.lower():
+            raise UserError(f"{first} (robot-rl sim list shows the tasks)") from None
+        raise UserError(f"bad override: {first}") from None
+    _check_types(cfg, ref)
+    return cfg
+
+
+def _keys_hint(key: str) -> str:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="robot_rl.configs", version_base=None):
+        cfg = hydra_compose(config_name="config")
+    parent = cfg
+    for part in key.split(".")[:-1]:
+        parent = parent.get(part, cfg) if isinstance(parent, DictConfig) else cfg
+    return ", ".join(sorted(parent.keys())) if isinstance(parent, DictConfig) else ", ".join(sorted(cfg.keys()))
+
+
+def task_setup(cfg: DictConfig) -> tuple[str, dict]:
+    t = OmegaConf.to_container(cfg.task, resolve=True)
+    name = t.pop("name")
+    return name, t
+
+
+# ---- verbs ------------------------------------------------------------------------------------
+def cmd_sim_list(cfg: DictConfig, positional: str | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from robot_rl.sim.registry import EXTERNAL_EXAMPLES, TASKS
+
+    t = Table(title="robot-rl tasks")
+    for col in ("task", "gymnasium id", "expert", "description"):
+        t.add_column(col)
+    for e in TASKS.values():
+        t.add_row(e.name, e.env_id, "scripted", e.description)
+    for name, text in EXTERNAL_EXAMPLES.items():
+        t.add_row(name, name if "/" in name and not name.startswith("metaworld") else "Meta-World/MT1",
+                  "metaworld" if name.startswith("metaworld") else "-", text)
+    Console().print(t)
+    return 0
+
+
+def _rollout(cfg: DictConfig, task_name: str, setup: dict, episodes: int, out: Path):
+    from robot_rl.rollout import make_policy, run_episodes
+    from robot_rl.sim import make_env
+
+    if cfg.record:
+        raise UserError("record=<store> needs the episode store (not in this release yet)")
+    if episodes < 1:
+        raise UserError(f"episodes={episodes}: need at least 1")
+    try:
+        env = make_env(task_name, **setup)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"task '{task_name}': {e}") from None
+    try:
+        policy = make_policy(cfg.policy, env, cfg.seed)
+    except ValueError as e:
+        env.close()
+        raise UserError(str(e)) from None
+    video = out / f"{task_name.replace('/', '_')}.gif" if cfg.video else None
+    try:
+        return run_episodes(env, policy, episodes, cfg.seed, task_name, cfg.policy, video, progress=cfg.progress)
+    finally:
+        env.close()
+
+
+def cmd_sim_rollout(cfg: DictConfig, positional: str | None) -> int:
+    from rich.console import Console
+
+    from robot_rl.rollout import summary_table
+
+    name, setup = task_setup(cfg)
+    out = Path(cfg.out)
+    s = _rollout(cfg, name, setup, cfg.episodes, out)
+    Console().print(summary_table([s]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(s.to_dict(), indent=2))
+    return 0
+
+
+def cmd_demo(cfg: DictConfig, positional: str | None) -> int:
+    from rich.console import Console
+
+    from robot_rl.rollout import summary_table
+
+    out = Path(cfg.demo.out)
+    summaries = []
+    for task in cfg.demo.tasks:
+        tcfg = compose([f"task={task}", f"seed={cfg.seed}"])
+        name, setup = task_setup(tcfg)
+        summaries.append(_rollout(cfg, name, setup, int(cfg.demo.episodes), out))
+    table = summary_table(summaries)
+    Console().print(table)
+    write_report(out, summaries)
+    Console().print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def write_report(out: Path, summaries) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps([s.to_dict() for s in summaries], indent=2))
+    lines = ["# robot-rl demo report", "", "Scripted experts, seeded episodes (episode i uses seed + i).", "",
+             "| task | episodes | success | 95% CI | mean length | steps/s | solutions | video |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lo, hi = s.ci95
+        sol = ", ".join(f"{k} {v}" for k, v in sorted(s.solutions.items())) or "-"
+        vid = f"![{s.task}]({Path(s.video).name})" if s.video else "-"
+        lines.append(f"| {s.task} | {s.episodes} | {100 * s.success_rate:.1f}% | [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                     f"{sum(s.lengths) / max(1, len(s.lengths)):.1f} | {s.steps_per_s:.0f} | {sol} | {vid} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
+    ("sim", "list"): cmd_sim_list,
+    ("sim", "rollout"): cmd_sim_rollout,
+    ("demo", ""): cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        verb, sub, positional, overrides = parse(argv)
+        cfg = compose(overrides)
+        return COMMANDS[(verb, sub)](cfg, positional)
+    except UserError as e:
+        print(f"robot-rl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robot-rl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run episodes of a policy (scripted expert, random, later learned) on a task and summarise them.
+
+Used by `robot-rl sim rollout`, `make demo` and the benchmarks. Each episode i uses seed + i, so
+two policies evaluated with the same seed see the same initial states (paired comparison).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robot_rl.stats import wilson_interval
+
+Policy = Callable[[dict], np.ndarray]
+
+
+@dataclass
+class RolloutSummary:
+    task: str
+    policy: str
+    episodes: int = 0
+    successes: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    lengths: list[int] = field(default_factory=list)
+    solutions: Counter = field(default_factory=Counter)
+    video: str | None = None
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / max(1, self.episodes)
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.episodes)
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / max(1e-9, self.seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.ci95
+        return {"task": self.task, "policy": self.policy, "episodes": self.episodes, "successes": self.successes,
+                "success_rate": self.success_rate, "ci95": [lo, hi], "mean_length": float(np.mean(self.lengths or [0])),
+                "steps_per_s": self.steps_per_s, "solutions": dict(self.solutions), "video": self.video}
+
+
+def make_policy(kind: str, env, seed: int):
+    """(reset(rng), act(obs)) for `scripted` or `random`."""
+    if kind == "scripted":
+        from robot_rl.sim import make_expert
+
+        return make_expert(env)
+    if kind == "random":
+        return RandomPolicy(env)
+    raise ValueError(f"policy '{kind}' is not one of: scripted, random")
+
+
+class RandomPolicy:
+    def __init__(self, env):
+        self.space = env.action_space
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def act(self, obs: dict) -> np.ndarray:
+        return self.rng.uniform(self.space.low, self.space.high).astype(np.float32)
+
+
+def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: str,
+                 video_path: str | Path | None = None, progress: bool = True,
+                 on_step: Callable[..., None] | None = None) -> RolloutSummary:
+    """Roll out `episodes` episodes; the first one is rendered to `video_path` (GIF/MP4) if given."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    summary = RolloutSummary(task=task, policy=policy_name)
+    frames: list[np.ndarray] = []
+    cols = (TextColumn(f"[bold]{task}[/] {policy_name}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        tid = bar.add_task("episodes", total=episodes, rate="")
+        t0 = time.perf_counter()
+        for ep in range(episodes):
+            ep_seed = seed + ep
+            obs, info = env.reset(seed=ep_seed)
+            policy.reset(np.random.default_rng(ep_seed + 1_000_003))
+            record = video_path is not None and ep == 0
+            if record:
+                frames.append(env.render())
+            length = 0
+            while True:
+                action = policy.act(obs)
+                obs, reward, terminated, truncated, info = env.step(action)
+                length += 1
+                if on_step is not None:
+                    on_step(ep, obs, action, reward, terminated, truncated, info)
+                if record:
+                    frames.append(env.render())
+                if terminated or truncated:
+                    break
+            summary.episodes += 1
+            summary.successes += int(bool(info.get("success")))
+            summary.steps += length
+            summary.lengths.append(length)
+            if info.get("solution"):
+                summary.solutions[info["solution"]] += 1
+            summary.seconds = time.perf_counter() - t0
+            bar.update(tid, advance=1, rate=f"{summary.successes}/{summary.episodes} ok, {summary.steps_per_s:.0f} steps/s")
+    if video_path is not None and frames:
+        summary.video = str(write_video(frames, video_path, fps=int(getattr(env, "metadata", {}).get("render_fps", 10))))
+    return summary
+
+
+def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        iio.imwrite(path, np.stack(frames), duration=1000 / fps, loop=0)
+    else:
+        iio.imwrite(path, np.stack(frames), fps=fps, codec="libx264")
+    return path
+
+
+def summary_table(summaries: list[RolloutSummary]):
+    from rich.table import Table
+
+    t = Table(title="rollouts")
+    for col in ("task", "policy", "episodes", "success", "95% CI", "mean len", "steps/s", "solutions"):
+        t.add_column(col, justify="right" if col not in ("task", "policy", "solutions") else "left")
+    for s in summaries:
+        lo, hi = s.ci95
+        t.add_row(s.task, s.policy, str(s.episodes), f"{100 * s.success_rate:.1f}%", f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                  f"{np.mean(s.lengths or [0]):.1f}", f"{s.steps_per_s:.0f}",
+                  ", ".join(f"{k} {v}" for k, v in sorted(s.solutions.items())))
+    return t

@@ -1,0 +1,57 @@
+"""The `robot-rl` entry point as a user runs it: real subprocesses, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROBOT_RL = [sys.executable, "-m", "robot_rl.cli"]
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    return subprocess.run([*ROBOT_RL, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_sim_list_shows_every_task():
+    r = run("sim", "list")
+    assert r.returncode == 0, r.stderr
+    for t in ("reach", "lift", "peg_insert", "reach_around", "metaworld/push-v3"):
+        assert t in r.stdout
+
+
+def test_sim_rollout_prints_a_table_and_writes_summary_and_video(tmp_path):
+    r = run("sim", "rollout", "task=reach_around", "policy=scripted", "episodes=4", f"out={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert "success" in r.stdout and "95% CI" in r.stdout
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["episodes"] == 4 and s["successes"] >= 3 and s["steps_per_s"] > 0
+    gif = Path(s["video"])
+    assert gif.exists() and gif.stat().st_size > 10_000
+
+
+def test_metaworld_rollout_from_the_cli(tmp_path):
+    r = run("sim", "rollout", "task=metaworld/push-v3", "policy=scripted", "episodes=2", "video=false",
+            f"out={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["successes"] == 2
+
+
+def test_bad_input_is_one_line_not_a_traceback():
+    cases = [
+        (["sim", "rollout", "tsk=lift"], "unknown config key 'tsk'"),
+        (["sim", "rollout", "episodes=many"], "config key 'episodes': expected int"),
+        (["sim", "rollout", "task=lfit"], "unknown task 'lfit'"),
+        (["sim", "rollout", "task.obs_mode=depth"], "obs_mode 'depth'"),
+        (["sim", "rollout", "policy=genius"], "policy 'genius'"),
+        (["sim", "rollout", "task=gym_hil/PandaPickCubeBase-v0"], "no scripted expert"),
+        (["sim", "fly"], "needs one of"),
+        (["teleport"], "unknown verb"),
+    ]
+    for args, words in cases:
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
