@@ -18,7 +18,7 @@ def emit(name: str, figures: dict, command: str) -> None:
                                 cwd=RESULTS.parent).stdout.strip()
     except OSError:
         commit = ""
-    record = {"benchmark": name, "command": command, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
+    record = {"benchmark": name, "command": command, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()} {os.cpu_count()} cpu", **figures}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -123,6 +123,15 @@ def _keys_hint(key: str) -> str:
     return ", ".join(sorted(parent.keys())) if isinstance(parent, DictConfig) else ", ".join(sorted(cfg.keys()))
 
 
+def console():
+    """A rich console that keeps tables readable when stdout is not a terminal (CI logs, pipes)."""
+    import shutil
+
+    from rich.console import Console
+
+    return Console(width=max(120, shutil.get_terminal_size((120, 24)).columns))
+
+
 def task_setup(cfg: DictConfig) -> tuple[str, dict]:
     t = OmegaConf.to_container(cfg.task, resolve=True)
     name = t.pop("name")
@@ -131,7 +140,6 @@ def task_setup(cfg: DictConfig) -> tuple[str, dict]:
 
 # ---- verbs ------------------------------------------------------------------------------------
 def cmd_sim_list(cfg: DictConfig, positional: str | None) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from robot_rl.sim.registry import EXTERNAL_EXAMPLES, TASKS
@@ -144,7 +152,7 @@ def cmd_sim_list(cfg: DictConfig, positional: str | None) -> int:
     for name, text in EXTERNAL_EXAMPLES.items():
         t.add_row(name, name if "/" in name and not name.startswith("metaworld") else "Meta-World/MT1",
                   "metaworld" if name.startswith("metaworld") else "-", text)
-    Console().print(t)
+    console().print(t)
     return 0
 
 
@@ -173,22 +181,18 @@ def _rollout(cfg: DictConfig, task_name: str, setup: dict, episodes: int, out: P
 
 
 def cmd_sim_rollout(cfg: DictConfig, positional: str | None) -> int:
-    from rich.console import Console
-
     from robot_rl.rollout import summary_table
 
     name, setup = task_setup(cfg)
     out = Path(cfg.out)
     s = _rollout(cfg, name, setup, cfg.episodes, out)
-    Console().print(summary_table([s]))
+    console().print(summary_table([s]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(s.to_dict(), indent=2))
     return 0
 
 
 def cmd_demo(cfg: DictConfig, positional: str | None) -> int:
-    from rich.console import Console
-
     from robot_rl.rollout import summary_table
 
     out = Path(cfg.demo.out)
@@ -198,9 +202,9 @@ def cmd_demo(cfg: DictConfig, positional: str | None) -> int:
         name, setup = task_setup(tcfg)
         summaries.append(_rollout(cfg, name, setup, int(cfg.demo.episodes), out))
     table = summary_table(summaries)
-    Console().print(table)
+    console().print(table)
     write_report(out, summaries)
-    Console().print(f"report: {out / 'report.md'}")
+    console().print(f"report: {out / 'report.md'}")
     return 0
 
 
