@@ -6,6 +6,7 @@ time), mj_step timed from snapshots of the same trajectory (same contacts). Targ
 
     python benchmarks/sim_throughput.py [--steps 150] [--tasks reach,lift]
 """
+# ruff: noqa: I001
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import copy
 import sys
 import time
 
+import robot_rl  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads: keep first)
 import mujoco
 import numpy as np
-
-import robot_rl  # noqa: F401  (MUJOCO_GL=egl before mujoco loads)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import emit  # noqa: E402

@@ -55,3 +55,20 @@ def test_bad_input_is_one_line_not_a_traceback():
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_readme_commands_run(tmp_path):
+    """The README's robot-rl examples are executed (episode counts shrunk), so docs cannot drift."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cmds = [ln.strip().split()[1:] for ln in readme.splitlines() if ln.strip().startswith(".venv/bin/robot-rl ")]
+    assert len(cmds) >= 4
+    for args in cmds:
+        if args[:2] != ["sim", "rollout"] and args[:2] != ["sim", "list"]:
+            continue
+        args = [re.sub(r"^episodes=\d+$", "episodes=2", a) for a in args] + ["video=false", f"out={tmp_path}"]
+        if args[:2] == ["sim", "list"]:
+            args = args[:2]
+        r = run(*args)
+        assert r.returncode == 0, (args, r.stderr[-500:])
