@@ -75,8 +75,9 @@ class RandomPolicy:
 
 def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: str,
                  video_path: str | Path | None = None, progress: bool = True,
-                 on_step: Callable[..., None] | None = None) -> RolloutSummary:
-    """Roll out `episodes` episodes; the first one is rendered to `video_path` (GIF/MP4) if given."""
+                 recorder: "EpisodeRecorder | None" = None) -> RolloutSummary:
+    """Roll out `episodes` episodes; the first one is rendered to `video_path` (GIF/MP4) if given;
+    every episode is written to `recorder`'s store if given."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     summary = RolloutSummary(task=task, policy=policy_name)
@@ -94,16 +95,22 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
             if record:
                 frames.append(env.render())
             length = 0
+            if recorder is not None:
+                recorder.begin(env, ep_seed)
             while True:
                 action = policy.act(obs)
-                obs, reward, terminated, truncated, info = env.step(action)
+                stamp = sim_time(env)
+                next_obs, reward, terminated, truncated, info = env.step(action)
+                if recorder is not None:
+                    recorder.step(obs, action, stamp, reward, terminated, truncated)
+                obs = next_obs
                 length += 1
-                if on_step is not None:
-                    on_step(ep, obs, action, reward, terminated, truncated, info)
                 if record:
                     frames.append(env.render())
                 if terminated or truncated:
                     break
+            if recorder is not None:
+                recorder.end(bool(info.get("success")), info)
             summary.episodes += 1
             summary.successes += int(bool(info.get("success")))
             summary.steps += length
@@ -115,6 +122,35 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
     if video_path is not None and frames:
         summary.video = str(write_video(frames, video_path, fps=int(getattr(env, "metadata", {}).get("render_fps", 10))))
     return summary
+
+
+def sim_time(env) -> float:
+    """The simulator's clock (the device clock of a sim), or the host's monotonic clock."""
+    data = getattr(env.unwrapped, "data", None)
+    return float(data.time) if data is not None and hasattr(data, "time") else time.monotonic()
+
+
+class EpisodeRecorder:
+    """Writes rollouts into an episode store: (observation, action) pairs stamped with sim time."""
+
+    def __init__(self, path: str | Path, spec, task: str, source: str = "scripted", image_codec: str = "blosc_zstd"):
+        from robot_rl.store import EpisodeWriter
+
+        self.writer = EpisodeWriter(path, spec, image_codec=image_codec)
+        self.task, self.source = task, source
+
+    def begin(self, env, seed: int) -> None:
+        self.writer.begin_episode(self.source, task=self.task, seed=seed)
+
+    def step(self, obs, action, stamp, reward, terminated, truncated) -> None:
+        self.writer.add_step(obs, action, timestamp=stamp, reward=reward, terminated=terminated, truncated=truncated)
+
+    def end(self, success: bool, info: dict) -> None:
+        extra = {"solution": info["solution"]} if info.get("solution") else {}
+        self.writer.end_episode(success=success, **extra)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import atexit
+import weakref
+
 import gymnasium as gym
 import mujoco
 import numpy as np
@@ -69,6 +72,25 @@ class TaskSetup:
     dense_reward: bool = False
     gains: ImpedanceGains = field(default_factory=ImpedanceGains)
     randomization: Randomization = field(default_factory=Randomization)
+
+
+_LIVE_ENVS: "weakref.WeakSet[gym.Env]" = weakref.WeakSet()
+_atexit_armed = False
+
+
+def _close_renderers() -> None:
+    for env in list(_LIVE_ENVS):
+        env.close()
+
+
+def close_at_exit(env: gym.Env) -> None:
+    """Close `env` at interpreter exit, before mujoco.egl terminates the EGL display (else PyOpenGL
+    prints tracebacks). Call after the first renderer exists: atexit runs last-registered first."""
+    global _atexit_armed
+    _LIVE_ENVS.add(env)
+    if not _atexit_armed:
+        atexit.register(_close_renderers)
+        _atexit_armed = True
 
 
 class FrankaTaskEnv(gym.Env):
@@ -235,6 +257,7 @@ class FrankaTaskEnv(gym.Env):
         r = self._renderers.get((width, height))
         if r is None:
             r = self._renderers[(width, height)] = mujoco.Renderer(self.model, height, width)
+            close_at_exit(self)
         opt = mujoco.MjvOption()
         if geometry == "collision":
             opt.geomgroup[:] = [1, 1, 0, 1, 0, 0]  # world/task geoms, no visual meshes, collision meshes

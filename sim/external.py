@@ -9,6 +9,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from robot_rl.sim.base import close_at_exit
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec
 
 METAWORLD_PREFIX = "metaworld/"
@@ -109,6 +110,11 @@ class ExternalEnv(gym.Wrapper):
         terminated = bool(terminated or info["success"])
         truncated = bool((truncated or self._steps >= self.max_steps) and not terminated)
         return self._convert(raw), float(reward), terminated, truncated, info
+
+    def render(self):
+        frame = self.env.render()
+        close_at_exit(self)
+        return frame
 
     @staticmethod
     def _info(info: dict) -> dict:
