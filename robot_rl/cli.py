@@ -18,8 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 VERBS: dict[str, dict[str, str]] = {
     "sim": {"list": "list the tasks", "rollout": "roll out a policy on a task: task=lift policy=scripted episodes=50"},
     "demo": {"": "the end-to-end demonstration (scripted experts on every task, report with videos)"},
+    "data": {"info": "episodes, steps, sources, success rate, size: data info <store>",
+             "validate": "schema, dtypes, stamps, chunks; exit 1 naming the first problem: data validate <store>",
+             "merge": "store=[a,b] record=<out>", "split": "<store> data.fraction=0.9 record=[a,b]",
+             "filter": "<store> data.source=teleop data.success=true record=<out>",
+             "prepare": "policy-resolution images and normalisation statistics: data prepare <store>",
+             "preview": "<store> episode=K [out=preview.mp4]: video with action and intervention overlays",
+             "export": "<store> record=<dir>: LeRobotDataset v3", "import": "<path> record=<store> data.format=lerobot|rosbag"},
 }
-PLANNED = {"data", "train", "distill", "eval", "record", "replay", "run", "launch", "finetune"}
+PLANNED = {"train", "distill", "eval", "record", "replay", "run", "launch", "finetune"}
 
 
 class UserError(Exception):
@@ -156,12 +163,11 @@ def cmd_sim_list(cfg: DictConfig, positional: str | None) -> int:
     return 0
 
 
-def _rollout(cfg: DictConfig, task_name: str, setup: dict, episodes: int, out: Path):
-    from robot_rl.rollout import make_policy, run_episodes
+def _rollout(cfg: DictConfig, task_name: str, setup: dict, episodes: int, out: Path, record: str | None = None):
+    from robot_rl.rollout import EpisodeRecorder, make_policy, run_episodes
     from robot_rl.sim import make_env
+    from robot_rl.store import StoreError
 
-    if cfg.record:
-        raise UserError("record=<store> needs the episode store (not in this release yet)")
     if episodes < 1:
         raise UserError(f"episodes={episodes}: need at least 1")
     try:
@@ -174,9 +180,18 @@ def _rollout(cfg: DictConfig, task_name: str, setup: dict, episodes: int, out: P
         env.close()
         raise UserError(str(e)) from None
     video = out / f"{task_name.replace('/', '_')}.gif" if cfg.video else None
+    recorder = None
     try:
-        return run_episodes(env, policy, episodes, cfg.seed, task_name, cfg.policy, video, progress=cfg.progress)
+        if record:
+            source = "scripted" if cfg.policy in ("scripted", "random") else "policy"
+            recorder = EpisodeRecorder(record, env.robot_spec, task_name, source, cfg.data.image_codec or "blosc_zstd")
+        return run_episodes(env, policy, episodes, cfg.seed, task_name, cfg.policy, video, progress=cfg.progress,
+                            recorder=recorder)
+    except StoreError as e:
+        raise UserError(str(e)) from None
     finally:
+        if recorder is not None:
+            recorder.close()
         env.close()
 
 
@@ -185,7 +200,7 @@ def cmd_sim_rollout(cfg: DictConfig, positional: str | None) -> int:
 
     name, setup = task_setup(cfg)
     out = Path(cfg.out)
-    s = _rollout(cfg, name, setup, cfg.episodes, out)
+    s = _rollout(cfg, name, setup, cfg.episodes, out, cfg.record)
     console().print(summary_table([s]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(s.to_dict(), indent=2))
@@ -223,10 +238,24 @@ def write_report(out: Path, summaries) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def cmd_data(sub: str):
+    def run(cfg: DictConfig, positional: str | None) -> int:
+        from robot_rl import data_cli
+        from robot_rl.spec import SpecError
+        from robot_rl.store import StoreError
+
+        try:
+            return data_cli.run(sub, cfg, positional, console())
+        except (StoreError, SpecError) as e:
+            raise UserError(str(e)) from None
+    return run
+
+
 COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
     ("sim", "list"): cmd_sim_list,
     ("sim", "rollout"): cmd_sim_rollout,
     ("demo", ""): cmd_demo,
+    **{("data", sub): cmd_data(sub) for sub in VERBS["data"]},
 }
 
 

@@ -75,7 +75,7 @@ class RandomPolicy:
 
 def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: str,
                  video_path: str | Path | None = None, progress: bool = True,
-                 recorder: "EpisodeRecorder | None" = None) -> RolloutSummary:
+                 recorder: EpisodeRecorder | None = None) -> RolloutSummary:
     """Roll out `episodes` episodes; the first one is rendered to `video_path` (GIF/MP4) if given;
     every episode is written to `recorder`'s store if given."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -4,8 +4,9 @@ appends (a learner tails the recorder's store this way)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import zarr
@@ -23,7 +24,7 @@ class EpisodeStore:
         self._state_cache: dict[str, np.ndarray] = {}
         self.refresh()
 
-    def refresh(self) -> "EpisodeStore":
+    def refresh(self) -> EpisodeStore:
         """Re-read the commit record; episodes committed since are now visible."""
         try:
             self.root = zarr.open_group(self.path, mode="r")

@@ -12,9 +12,10 @@ import json
 import os
 import signal
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -262,7 +263,7 @@ class EpisodeWriter:
         self._pool.shutdown(wait=True)
         self._lock.close()
 
-    def __enter__(self) -> "EpisodeWriter":
+    def __enter__(self) -> EpisodeWriter:
         return self
 
     def __exit__(self, *exc) -> None:
