@@ -6,11 +6,10 @@ A task subclass adds its objects to the cell, places them at reset, and says wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
 import atexit
 import weakref
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import mujoco
@@ -74,7 +73,7 @@ class TaskSetup:
     randomization: Randomization = field(default_factory=Randomization)
 
 
-_LIVE_ENVS: "weakref.WeakSet[gym.Env]" = weakref.WeakSet()
+_LIVE_ENVS: weakref.WeakSet[gym.Env] = weakref.WeakSet()
 _atexit_armed = False
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-
 from robot_rl.sim.base import close_at_exit
+
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec
 
 METAWORLD_PREFIX = "metaworld/"

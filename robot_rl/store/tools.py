@@ -45,7 +45,8 @@ def validate(path: str | Path, progress: Progress = _identity) -> dict:
         s = stamps[st.episode_slice(i)]
         bad = np.flatnonzero(~(np.diff(s) > 0))
         if bad.size or not np.all(np.isfinite(s)):
-            raise StoreError(f"{where} episode {i} key 'timestamp': not strictly increasing at step {int(bad[0]) + 1 if bad.size else 0}")
+            at = int(bad[0]) + 1 if bad.size else 0
+            raise StoreError(f"{where} episode {i} key 'timestamp': not strictly increasing at step {at}")
     for key in progress(st.keys()):
         a = st.array(key)
         step = max(1, a.chunks[0])
