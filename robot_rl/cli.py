@@ -9,6 +9,7 @@ one line on stderr (what, where, what to do) and exit status 2; never a tracebac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -271,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robot-rl: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not a user error: one line, the traceback on request
+        if os.environ.get("ROBOT_RL_DEBUG"):
+            raise
+        print(f"robot-rl: internal error: {type(e).__name__}: {e} (set ROBOT_RL_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def copy_episodes(sources: Sequence[tuple[EpisodeStore, Sequence[int]]], dest: s
                 data = st.episode(e)
                 meta = {k: v for k, v in st.meta[e].items() if k not in ("length", "stream_ends")}
                 success = meta.pop("success", None)
-                w.begin_episode(**{k: meta.pop(k) for k in ("source", "task", "robot", "operator", "start_time")
-                                   if k in meta}, **meta, copied_from=f"{st.path}#{e}")
+                meta["copied_from"] = f"{st.path}#{e}"
+                w.begin_episode(**meta)
                 for t in range(len(data["action"])):
                     obs = {k: data[k][t] for k in spec.keys()}
                     pol = data["action_policy"][t]

@@ -21,12 +21,25 @@ def episode(k: int) -> dict[str, np.ndarray]:
     return {
         "state.q": rng.normal(size=(n, 3)).astype(np.float32),
         "state.ee_pose": rng.normal(size=(n, 7)).astype(np.float32),
-        "image.cam": rng.integers(0, 255, (n, 12, 16, 3), dtype=np.uint8),
+        "image.cam": smooth_frames(rng, n),
         "action": rng.uniform(-1, 1, (n, 7)).astype(np.float32),
         "timestamp": 1000.0 * k + 0.1 * np.arange(n),
         "reward": rng.normal(size=n).astype(np.float32),
         "intervention": rng.random(n) < 0.3,
     }
+
+
+def smooth_frames(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Camera-like frames (gradients and a moving square), so lossy codecs can be checked by PSNR."""
+    y, x = np.mgrid[0:12, 0:16]
+    frames = np.empty((n, 12, 16, 3), np.uint8)
+    base = rng.uniform(40, 200, 3)
+    for t in range(n):
+        img = base + 3.0 * x[..., None] + 2.0 * y[..., None] * rng.uniform(0.5, 1.5, 3)
+        cx = (t * 2) % 12
+        img[2:6, cx:cx + 4] = rng.uniform(0, 255, 3)
+        frames[t] = np.clip(img, 0, 255)
+    return frames
 
 
 def main(path: str, n_max: int, delay: float) -> None:
