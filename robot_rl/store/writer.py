@@ -126,6 +126,11 @@ class EpisodeWriter:
     def in_episode(self) -> bool:
         return self._episode is not None
 
+    @property
+    def episode_steps(self) -> int:
+        """Steps added to the episode in progress (0 when none is open)."""
+        return 0 if self._episode is None else self._episode["t"] - self._episode["start"]
+
     def begin_episode(self, source: str, task: str = "", robot: str = "", operator: str = "",
                       start_time: float | None = None, **extra: Any) -> None:
         if self._episode is not None:
