@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def state_store(path: Path, episodes: int = 200, length: int = 100) -> None:
                                         (("joint_pos", 7), ("joint_vel", 7), ("ee_pose", 7), ("gripper", 1), ("wrench", 6))))
     rng = np.random.default_rng(0)
     with EpisodeWriter(path, spec) as w:
-        for e in range(episodes):
+        for _ in range(episodes):
             w.begin_episode("scripted")
             data = {k.name: rng.normal(size=(length, *k.shape)).astype(np.float32) for k in spec.observations}
             act = rng.uniform(-1, 1, (length, 7)).astype(np.float32)

@@ -42,6 +42,8 @@ def wait_line(proc, prefix: str, timeout: float = 30.0) -> str:
 def check_store(store: Path, known: int) -> int:
     st = EpisodeStore(store)  # must open
     assert st.n_episodes >= known, (st.n_episodes, known)
+    # the commit record and the episode index agree (a half-written record once broke this)
+    assert st.n_episodes == 0 or (np.all(np.diff(st.ends) > 0) and st.ends[-1] == st.n_steps), (st.ends, st.n_steps)
     for k in range(st.n_episodes):
         got, want = st.episode(k), episode(k)
         for key, value in want.items():

@@ -3,8 +3,8 @@
 One zarr v3 group per store:
 
     <store>/zarr.json           root attributes: format, schema_version, spec, codecs, and the
-                                commit record {n_episodes, n_steps, stream_lengths}: the only
-                                thing a reader trusts. Rewritten atomically at each commit.
+                                commit record `commit: {n_episodes, n_steps, stream_lengths}`,
+                                the only thing a reader trusts, rewritten in one atomic write.
     data/<obs key>              (capacity, *shape) per observation key of the spec, time-major
     data/action                 (capacity, A) the executed action
     data/action_policy          (capacity, A) what the policy proposed (NaN where no policy ran)

@@ -40,7 +40,10 @@ class EpisodeStore:
         except SpecError as e:
             raise StoreError(f"store {self.path}: {e}") from None
         self.attrs = attrs
-        n_ep, n_steps = int(attrs["n_episodes"]), int(attrs["n_steps"])
+        try:
+            n_ep, n_steps = int(attrs["commit"]["n_episodes"]), int(attrs["commit"]["n_steps"])
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"store {self.path}: no valid commit record in zarr.json; run robot-rl data validate") from None
         if n_ep != getattr(self, "n_episodes", -1):
             self._state_cache.clear()
         self.n_episodes, self.n_steps = n_ep, n_steps

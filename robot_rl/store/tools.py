@@ -149,7 +149,7 @@ def prepare(path: str | Path, width: int | None = None, height: int | None = Non
                           "std": x.std(0).tolist()}
         prepared = {"n_steps": st.n_steps, "n_episodes": st.n_episodes, "images": images, "stats": stats,
                     "image_codec": codec}
-        root.attrs.update({"prepared": prepared})
+        root.update_attributes({"prepared": prepared})
         return prepared
     finally:
         lock.close()

@@ -77,9 +77,10 @@ class EpisodeWriter:
                 raise StoreError(f"store {self.path}: spec '{spec.name}' differs from the store's spec "
                                  f"'{self.spec.name}'; write to a new store or use the store's spec")
         attrs = self.root.attrs.asdict()
-        self.n_episodes = int(attrs["n_episodes"])
-        self.n_steps = int(attrs["n_steps"])
-        self.stream_lengths = dict(attrs.get("stream_lengths", {}))
+        commit = attrs["commit"]
+        self.n_episodes = int(commit["n_episodes"])
+        self.n_steps = int(commit["n_steps"])
+        self.stream_lengths = dict(commit.get("stream_lengths", {}))
         self.image_keys = list(self.spec.image_keys)
         self.state_keys = list(self.spec.state_keys)
         self.arrays = {k: self.root[f"data/{k}"] for k in [*self.spec.keys(), "action", "action_policy", "timestamp",
@@ -113,11 +114,13 @@ class EpisodeWriter:
         for key, shape in streams.items():
             root.create_array(f"streams/{key}/value", shape=(0, *shape), chunks=(STATE_CHUNK * 4, *shape), dtype="f4")
             root.create_array(f"streams/{key}/stamp", shape=(0,), chunks=(STATE_CHUNK * 4,), dtype="f8")
-        root.attrs.update({
+        # One write: zarr's attrs.update() would write zarr.json once per key (it is a MutableMapping),
+        # and a crash between those writes would leave a half-updated record.
+        root.update_attributes({
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "spec": spec.to_dict(),
             "image_codec": codec, "jpeg_quality": quality, "created": time.time(),
             "streams": {k: list(s) for k, s in streams.items()},
-            "n_episodes": 0, "n_steps": 0, "stream_lengths": {k: 0 for k in streams},
+            "commit": {"n_episodes": 0, "n_steps": 0, "stream_lengths": {k: 0 for k in streams}},
         })
         return root
 
@@ -251,7 +254,8 @@ class EpisodeWriter:
         metas[k_ep] = json.dumps(record, sort_keys=True)
         _crash_point("commit")
         _crash_point("commit-midwrite", self.path)
-        self.root.attrs.update({"n_episodes": k_ep + 1, "n_steps": end, "stream_lengths": new_lengths})
+        # the commit record: one key, one atomic write of zarr.json
+        self.root.update_attributes({"commit": {"n_episodes": k_ep + 1, "n_steps": end, "stream_lengths": new_lengths}})
         self.n_episodes, self.n_steps, self.stream_lengths = k_ep + 1, end, new_lengths
         self._episode = None
         return k_ep

@@ -47,6 +47,7 @@ def main(path: str, n_max: int, delay: float) -> None:
 
     w = EpisodeWriter(path, SPEC, image_codec=sys.argv[4] if len(sys.argv) > 4 else "blosc_zstd")
     print("ready", w.n_episodes, flush=True)
+
     while w.n_episodes < n_max:
         k = w.n_episodes
         ep = episode(k)
