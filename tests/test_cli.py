@@ -65,10 +65,7 @@ def test_readme_commands_run(tmp_path):
     cmds = [ln.strip().split()[1:] for ln in readme.splitlines() if ln.strip().startswith(".venv/bin/robot-rl ")]
     assert len(cmds) >= 4
     for args in cmds:
-        if args[:2] != ["sim", "rollout"] and args[:2] != ["sim", "list"]:
-            continue
-        args = [re.sub(r"^episodes=\d+$", "episodes=2", a) for a in args] + ["video=false", f"out={tmp_path}"]
-        if args[:2] == ["sim", "list"]:
-            args = args[:2]
-        r = run(*args)
+        if args[:2] == ["sim", "rollout"]:
+            args = [re.sub(r"^episodes=\d+$", "episodes=2", a) for a in args] + ["video=false", f"out={tmp_path}"]
+        r = run(*args, cwd=tmp_path)
         assert r.returncode == 0, (args, r.stderr[-500:])
