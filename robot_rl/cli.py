@@ -26,8 +26,11 @@ VERBS: dict[str, dict[str, str]] = {
              "prepare": "policy-resolution images and normalisation statistics: data prepare <store>",
              "preview": "<store> episode=K [out=preview.mp4]: video with action and intervention overlays",
              "export": "<store> record=<dir>: LeRobotDataset v3", "import": "<path> record=<store> data.format=lerobot|rosbag"},
+    "train": {"": "train a diffusion teacher: policy=diffusion task=<task> store=<store> [train.steps=...]"},
+    "distill": {"": "distil a one-step consistency student: teacher=<ckpt> [distill.steps=...]"},
+    "eval": {"": "closed-loop evaluation: ckpt=<ckpt> task=<task> episodes=N sampler=<ddpm100|ddim10|cm1|cm3>"},
 }
-PLANNED = {"train", "distill", "eval", "record", "replay", "run", "launch", "finetune"}
+PLANNED = {"record", "replay", "run", "launch", "finetune"}
 
 
 class UserError(Exception):
@@ -217,17 +220,49 @@ def cmd_demo(cfg: DictConfig, positional: str | None) -> int:
         tcfg = compose([f"task={task}", f"seed={cfg.seed}"])
         name, setup = task_setup(tcfg)
         summaries.append(_rollout(cfg, name, setup, int(cfg.demo.episodes), out))
-    table = summary_table(summaries)
-    console().print(table)
-    write_report(out, summaries)
+    console().print(summary_table(summaries))
+    learned = _demo_learning(cfg, out) if cfg.demo.learn.task else None
+    write_report(out, summaries, learned)
     console().print(f"report: {out / 'report.md'}")
     return 0
 
 
-def write_report(out: Path, summaries) -> None:
+def _demo_learning(cfg: DictConfig, out: Path) -> dict:
+    """Scripted demos -> store -> diffusion teacher -> one-step student -> paired evaluation."""
+    import shutil
+
+    from rich.table import Table
+
+    from robot_rl.learning.pipeline import PipelineConfig, run_pipeline
+    from robot_rl.learning.train import LoopConfig
+
+    learn = cfg.demo.learn
+    name, setup = task_setup(compose([f"task={learn.task}"]))
+    work = out / "learn"
+    shutil.rmtree(work, ignore_errors=True)  # the demo always starts from scratch
+    result = run_pipeline(PipelineConfig(
+        task=name, setup=setup, demos=int(learn.demos), net=OmegaConf.to_container(cfg.net, resolve=True),
+        train=LoopConfig(steps=int(learn.train_steps), lr=3e-4, warmup_steps=200, eval_episodes=0, ckpt_every=0,
+                         seed=int(cfg.seed), device=cfg.device),
+        distill=LoopConfig(steps=int(learn.distill_steps), lr=3e-4, warmup_steps=50, eval_episodes=0, ckpt_every=0,
+                           seed=int(cfg.seed), device=cfg.device),
+        eval_episodes=int(learn.eval_episodes), eval_seed=int(cfg.train.eval_seed), progress=cfg.progress), work)
+    t = Table(title=f"learned policies on {name} (paired seeds from {cfg.train.eval_seed})")
+    for c in ("policy", "sampler", "success", "95% CI", "p50 ms/chunk", "p99 ms/chunk"):
+        t.add_column(c)
+    for r in result["rows"]:
+        t.add_row(r["policy"], r["sampler"], f"{100 * r['success_rate']:.1f}%", f"[{100 * r['ci95'][0]:.1f}, "
+                  f"{100 * r['ci95'][1]:.1f}]", f"{r['latency_p50_ms']:.2f}", f"{r['latency_p99_ms']:.2f}")
+    console().print(t)
+    return result
+
+
+def write_report(out: Path, summaries, learned: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps([s.to_dict() for s in summaries], indent=2))
-    lines = ["# robot-rl demo report", "", "Scripted experts, seeded episodes (episode i uses seed + i).", "",
+    (out / "summary.json").write_text(json.dumps({"experts": [s.to_dict() for s in summaries], "learned": learned},
+                                                 indent=2))
+    lines = ["# robot-rl demo report", "", "## Scripted experts", "",
+             "Seeded episodes (episode i uses seed + i).", "",
              "| task | episodes | success | 95% CI | mean length | steps/s | solutions | video |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -236,6 +271,19 @@ def write_report(out: Path, summaries) -> None:
         vid = f"![{s.task}]({Path(s.video).name})" if s.video else "-"
         lines.append(f"| {s.task} | {s.episodes} | {100 * s.success_rate:.1f}% | [{100 * lo:.1f}, {100 * hi:.1f}] | "
                      f"{sum(s.lengths) / max(1, len(s.lengths)):.1f} | {s.steps_per_s:.0f} | {sol} | {vid} |")
+    if learned:
+        rows = {(r["policy"], r["sampler"]): r for r in learned["rows"]}
+        ddim = rows[("teacher", "ddim10")]["latency_p50_ms"]
+        lines += ["", f"## Learned policies on `{learned['task']}`", "",
+                  "Scripted demonstrations -> episode store -> diffusion teacher -> one-step consistency student; "
+                  "evaluated on the same seeds (disjoint from the demonstration seeds).", "",
+                  "| policy | sampler | episodes | success | 95% CI | p50 ms/chunk | p99 ms/chunk | speed-up vs DDIM-10 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in learned["rows"]:
+            lines.append(f"| {r['policy']} | {r['sampler']} | {r['episodes']} | {100 * r['success_rate']:.1f}% | "
+                         f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] | {r['latency_p50_ms']:.2f} | "
+                         f"{r['latency_p99_ms']:.2f} | {ddim / max(1e-9, r['latency_p50_ms']):.1f}x |")
+        lines += ["", "Training curves: ![teacher](learn/teacher/curves.png) ![student](learn/student/curves.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -252,11 +300,26 @@ def cmd_data(sub: str):
     return run
 
 
+def cmd_learn(verb: str):
+    def run(cfg: DictConfig, positional: str | None) -> int:
+        from robot_rl import learn_cli
+        from robot_rl.policies.checkpoint import CheckpointError
+        from robot_rl.spec import SpecError
+        from robot_rl.store import StoreError
+
+        try:
+            return learn_cli.COMMANDS[verb](cfg, positional, console(), task_setup)
+        except (StoreError, SpecError, CheckpointError) as e:
+            raise UserError(str(e)) from None
+    return run
+
+
 COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
     ("sim", "list"): cmd_sim_list,
     ("sim", "rollout"): cmd_sim_rollout,
     ("demo", ""): cmd_demo,
     **{("data", sub): cmd_data(sub) for sub in VERBS["data"]},
+    **{(verb, ""): cmd_learn(verb) for verb in ("train", "distill", "eval")},
 }
 
 

@@ -31,6 +31,7 @@ class RolloutSummary:
     lengths: list[int] = field(default_factory=list)
     solutions: Counter = field(default_factory=Counter)
     video: str | None = None
+    per_episode: list[bool] = field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
@@ -113,6 +114,7 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
                 recorder.end(bool(info.get("success")), info)
             summary.episodes += 1
             summary.successes += int(bool(info.get("success")))
+            summary.per_episode.append(bool(info.get("success")))
             summary.steps += length
             summary.lengths.append(length)
             if info.get("solution"):

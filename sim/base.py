@@ -82,6 +82,16 @@ def _close_renderers() -> None:
         env.close()
 
 
+def preload_llvm_users() -> None:
+    """Import triton (torch's GPU compiler, which bundles LLVM) before the first GL context: Mesa's
+    software renderer loads its own LLVM, and triton imported after it segfaults the process
+    (torch imports triton lazily, e.g. from its optimisers). Harmless where triton is absent."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed (CPU-only torch builds) or unusable: nothing to protect
+        pass
+
+
 def close_at_exit(env: gym.Env) -> None:
     """Close `env` at interpreter exit, before mujoco.egl terminates the EGL display (else PyOpenGL
     prints tracebacks). Call after the first renderer exists: atexit runs last-registered first."""
@@ -255,6 +265,7 @@ class FrankaTaskEnv(gym.Env):
         """One RGB frame. `collision` draws the coarse collision meshes instead of the visual ones."""
         r = self._renderers.get((width, height))
         if r is None:
+            preload_llvm_users()
             r = self._renderers[(width, height)] = mujoco.Renderer(self.model, height, width)
             close_at_exit(self)
         opt = mujoco.MjvOption()

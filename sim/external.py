@@ -8,7 +8,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from robot_rl.sim.base import close_at_exit
+from robot_rl.sim.base import close_at_exit, preload_llvm_users
 
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec
 
@@ -125,6 +125,7 @@ class ExternalEnv(gym.Wrapper):
 def make_external(name: str, env_id: str | None = None, policy_hz: float = 10.0, max_steps: int | None = None,
                   render_mode: str = "rgb_array", **kwargs: Any) -> ExternalEnv:
     """`metaworld/<task>-v3` or any registered gymnasium id (e.g. `gym_hil/PandaPickCubeBase-v0`)."""
+    preload_llvm_users()  # these envs create their GL context at construction
     if name.startswith(METAWORLD_PREFIX):
         try:
             import metaworld  # noqa: F401  (registers Meta-World/*)

@@ -64,8 +64,14 @@ def test_readme_commands_run(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     cmds = [ln.strip().split()[1:] for ln in readme.splitlines() if ln.strip().startswith(".venv/bin/robot-rl ")]
     assert len(cmds) >= 4
+    shrink = [(r"^episodes=\d+$", "episodes=2"), (r"^train\.steps=\d+$", "train.steps=20"),
+              (r"^distill\.steps=\d+$", "distill.steps=5")]
     for args in cmds:
-        if args[:2] == ["sim", "rollout"]:
-            args = [re.sub(r"^episodes=\d+$", "episodes=2", a) for a in args] + ["video=false", f"out={tmp_path}"]
+        for pattern, small in shrink:
+            args = [re.sub(pattern, small, a) for a in args]
+        if args[:2] == ["sim", "rollout"] or args[0] == "eval":
+            args += ["video=false", f"out={tmp_path}", "progress=false"]
+        if args[0] in ("train", "distill"):  # tiny sizes: the learning itself is tested in test_policies
+            args += ["train.batch_size=16", "net.down_dims=[16,32,64]", "train.eval_episodes=0", "progress=false"]
         r = run(*args, cwd=tmp_path)
         assert r.returncode == 0, (args, r.stderr[-500:])

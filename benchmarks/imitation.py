@@ -1,0 +1,81 @@
+"""Imitation results: scripted demos -> diffusion teacher -> one-step student, evaluated on paired
+seeds (disjoint from the demonstration seeds), per task; on the two-solution task also a
+deterministic MSE behaviour-cloning baseline on the same data, with the share of episodes that
+took each solution. Resumable: each stage is cached under --out and skipped when present.
+
+    python benchmarks/imitation.py                                   # reach_around, multimodality
+    python benchmarks/imitation.py --tasks lift,peg_insert,metaworld/push-v3 --demos 50 \\
+        --train-steps 18000 --distill-steps 3000 --episodes 100       # the issue's budgets (~60/30 min)
+"""
+# ruff: noqa: I001
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import robot_rl  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads: keep first)
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit  # noqa: E402
+
+from robot_rl.cli import compose, task_setup  # noqa: E402
+from robot_rl.learning.evaluate import evaluate  # noqa: E402
+from robot_rl.learning.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from robot_rl.learning.train import LoopConfig, train_diffusion  # noqa: E402
+from robot_rl.policies.checkpoint import load_policy  # noqa: E402
+from robot_rl.policies.diffusion import BCPolicy  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="reach_around")
+    ap.add_argument("--demos", type=int, default=50)
+    ap.add_argument("--train-steps", type=int, default=2000)
+    ap.add_argument("--distill-steps", type=int, default=400)
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--images", action="store_true")
+    ap.add_argument("--out", default="outputs/bench_imitation")
+    args = ap.parse_args()
+    out: dict[str, object] = {}
+    for task in args.tasks.split(","):
+        t0 = time.perf_counter()
+        name, setup = task_setup(compose([f"task={task}"]))
+        work = Path(args.out) / name.replace("/", "_")
+        cfg = PipelineConfig(task=name, setup=setup, demos=args.demos, images=args.images,
+                             train=LoopConfig(steps=args.train_steps, lr=3e-4, warmup_steps=200, eval_episodes=0,
+                                              ckpt_every=500),
+                             distill=LoopConfig(steps=args.distill_steps, lr=3e-4, warmup_steps=50, eval_episodes=0,
+                                                ckpt_every=200),
+                             eval_episodes=args.episodes, progress=False)
+        res = run_pipeline(cfg, work)
+        rows = {f"{r['policy']}_{r['sampler']}": r for r in res["rows"]}
+        if name == "reach_around":  # the deterministic baseline on the same data and seeds
+            bc_dir = work / "bc"
+            bc = load_policy(bc_dir) if (bc_dir / "config.json").exists() else train_diffusion(
+                [res["store"]], bc_dir, {}, cfg.train, task=name, progress=False, resume=True, cls=BCPolicy)[0]
+            from robot_rl.sim import make_env
+
+            env = make_env(name, **setup)
+            rows["bc"] = {"policy": "bc", **evaluate(bc, env, name, args.episodes, cfg.eval_seed, "bc").to_dict()}
+            env.close()
+        for key, r in rows.items():
+            out[f"{name}.{key}.success"] = round(r["success_rate"], 3)
+            out[f"{name}.{key}.ci95"] = [round(x, 3) for x in r["ci95"]]
+            out[f"{name}.{key}.p50_ms"] = round(r["latency_p50_ms"], 2)
+            for sol, n in r["solutions"].items():
+                out[f"{name}.{key}.solution_{sol}"] = round(n / r["episodes"], 3)
+        out[f"{name}.paired"] = res["paired"]
+        out[f"{name}.budget"] = {"demos": args.demos, "train_steps": args.train_steps, "distill_steps": args.distill_steps,
+                                 "episodes": args.episodes, "images": args.images,
+                                 "wall_min": round((time.perf_counter() - t0) / 60, 1)}
+        print(name, {k: v for k, v in out.items() if k.startswith(name)}, file=sys.stderr, flush=True)
+    cmd = (f"python benchmarks/imitation.py --tasks {args.tasks} --demos {args.demos} --train-steps {args.train_steps} "
+           f"--distill-steps {args.distill_steps} --episodes {args.episodes}" + (" --images" if args.images else ""))
+    emit("imitation", out, cmd)
+
+
+if __name__ == "__main__":
+    main()

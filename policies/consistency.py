@@ -1,0 +1,156 @@
+"""One-step consistency policy distilled from a diffusion teacher.
+
+Method: consistency-trajectory distillation (CTM; Kim et al., "Consistency Trajectory Models",
+ICLR 2024) specialised to jumps that end at time 0, in the discrete-time parameterisation of Latent
+Consistency Models (Luo et al., 2023), as Consistency Policy (Prasad et al., RSS 2024) applies to
+action chunks. The student is
+
+    f_θ(x_t, t) = c_skip(t) x_t + c_out(t) x̂0_θ(x_t, t),   c_skip(0) = 1, c_out(0) = 0,
+
+warm-started from the teacher (same network, dropout on) and trained on two terms, summed:
+
+- trajectory term: d( f_θ(x_t, t), ODE_teacher(x_t; t -> 0) ), the teacher's probability-flow
+  ODE solved with deterministic DDIM steps (stride `skip`) from t all the way to 0; half of each
+  batch starts at the one-step time 0.8 T, the other half at 2/3 or 1/3 of it or a random time;
+- local consistency term (consistency distillation, Song et al., ICML 2023):
+  d( f_θ(x_{t+k}, t+k), f_θ⁻(Φ_teacher(x_{t+k}; t+k -> t), t) ), one DDIM step of the teacher,
+  θ⁻ an EMA of the student (decay 0.95).
+
+d is the pseudo-Huber distance. The trajectory term anchors the one-step jump from pure noise,
+which the local term alone reaches only after many bootstrapping hops. Sampling: one step from
+N(0, I) at t = 0.8 T (see START_FRACTION), or a few chained steps re-noising the estimate
+(cm3: t = 80, 53, 26).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from robot_rl.policies.diffusion import DiffusionPolicy, parse_sampler
+
+SIGMA_DATA = 0.5
+TIME_SCALE = 10.0
+START_FRACTION = 0.8  # one-step sampling starts at t = 0.8 T: with the cosine schedule ᾱ(T) ≈ 2e-7, and
+# recovering x0 from an ε-prediction there amplifies errors ~2000x; at 0.8 T the factor is ~3.
+
+
+def start_time(T: int) -> int:
+    return int(START_FRACTION * T)
+
+
+def soft_clip(x: torch.Tensor, limit: float = 1.5) -> torch.Tensor:
+    """Bounded like clamp, but with a gradient everywhere (a clamped student stops learning)."""
+    return limit * torch.tanh(x / limit)
+
+
+def boundary_coefficients(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ts = t.float() * TIME_SCALE
+    c_skip = SIGMA_DATA**2 / (ts**2 + SIGMA_DATA**2)
+    c_out = ts / torch.sqrt(ts**2 + SIGMA_DATA**2)
+    return c_skip, c_out
+
+
+class ConsistencyPolicy(DiffusionPolicy):
+    kind = "consistency"
+
+    def consistency_fn(self, net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t].view(-1, 1, 1)
+        eps = net(x, t, cond)
+        x0 = soft_clip((x - (1 - a).sqrt() * eps) / a.sqrt())
+        c_skip, c_out = boundary_coefficients(t)
+        return c_skip.view(-1, 1, 1) * x + c_out.view(-1, 1, 1) * x0
+
+    @torch.no_grad()
+    def sample_normalized(self, cond: torch.Tensor, sampler: str = "cm1", generator: torch.Generator | None = None,
+                          noise: torch.Tensor | None = None) -> torch.Tensor:
+        kind, steps = parse_sampler(sampler)
+        if kind != "cm":
+            return super().sample_normalized(cond, sampler, generator, noise)
+        b, T = cond.shape[0], self.cfg.num_train_timesteps
+        shape = (b, self.cfg.horizon, self.cfg.action_dim)
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
+        t0 = start_time(T)
+        times = [int(t0 - i * t0 / steps) for i in range(steps)]  # cm1 -> 80; cm3 -> 80, 53, 26
+        a0 = None
+        for i, t in enumerate(times):
+            if i:
+                a = self.alphas_cumprod[t]
+                z = torch.randn(shape, generator=generator, device=cond.device)
+                x = a.sqrt() * a0 + (1 - a).sqrt() * z
+            a0 = self.consistency_fn(self.net, x, torch.full((b,), t, device=cond.device), cond).clamp(-1, 1)
+        return a0
+
+
+class Distiller:
+    """Holds teacher (frozen), student and target network; `loss(batch)` is one CD objective."""
+
+    def __init__(self, teacher: DiffusionPolicy, student: ConsistencyPolicy, skip: int = 10, target_decay: float = 0.95,
+                 huber_c: float = 0.01):
+        self.teacher, self.student = teacher.eval(), student
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.target = copy.deepcopy(student.net).eval()
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.skip, self.decay, self.c = skip, target_decay, huber_c
+
+    @torch.no_grad()
+    def teacher_ode(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (the PF-ODE's first-order solver) from t down to 0, stride `skip`."""
+        ac = self.student.alphas_cumprod
+        b = x.shape[0]
+        x0 = x
+        while True:
+            a = ac[t]
+            eps = self.teacher.net(x, torch.full((b,), t, device=x.device), cond)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            if t == 0:
+                return x0
+            t_next = max(0, t - self.skip)
+            a_next = ac[t_next]
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clipped x0
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            t = t_next
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        s, T = self.student, self.student.cfg.num_train_timesteps
+        cond = s.condition(batch)
+        with torch.no_grad():
+            cond_teacher = self.teacher.condition(batch)
+        a0 = s.normalizer.normalize("action", batch["action"].float())
+        b = a0.shape[0]
+        w = (~batch["action_is_pad"]).float().unsqueeze(-1) if "action_is_pad" in batch else torch.ones_like(a0[..., :1])
+        # trajectory term: half the batch jumps from the one-step start time, half from another start
+        t0 = start_time(T)
+        others = [2 * t0 // 3, t0 // 3, int(torch.randint(1, t0 + 1, (1,)))]
+        half = b // 2
+        loss_g = a0.new_zeros(())
+        for rows, t_g in ((slice(0, half), t0), (slice(half, b), others[int(torch.randint(0, 3, (1,)))])):
+            ag = s.alphas_cumprod[t_g]
+            x_g = ag.sqrt() * a0[rows] + (1 - ag).sqrt() * torch.randn_like(a0[rows])
+            target_g = self.teacher_ode(x_g, t_g, cond_teacher[rows])
+            pred_g = s.consistency_fn(s.net, x_g, torch.full((x_g.shape[0],), t_g, device=a0.device), cond[rows])
+            d_g = torch.sqrt((pred_g - target_g) ** 2 + self.c**2) - self.c
+            loss_g = loss_g + (d_g * w[rows]).sum() / (w[rows].sum() * a0.shape[-1]).clamp(min=1)
+        # local consistency term
+        t_hi = torch.randint(self.skip, t0 + 1, (b,), device=a0.device)
+        t_lo = t_hi - self.skip
+        z = torch.randn_like(a0)
+        ahi = s.alphas_cumprod[t_hi].view(-1, 1, 1)
+        x_hi = ahi.sqrt() * a0 + (1 - ahi).sqrt() * z
+        with torch.no_grad():  # one DDIM (PF-ODE) step of the teacher: t_hi -> t_lo
+            eps = self.teacher.net(x_hi, t_hi, cond_teacher)
+            x0 = ((x_hi - (1 - ahi).sqrt() * eps) / ahi.sqrt()).clamp(-1, 1)
+            alo = s.alphas_cumprod[t_lo].view(-1, 1, 1)
+            x_lo = alo.sqrt() * x0 + (1 - alo).sqrt() * eps
+            target = s.consistency_fn(self.target, x_lo, t_lo, cond.detach())
+        pred = s.consistency_fn(s.net, x_hi, t_hi, cond)
+        d = torch.sqrt((pred - target) ** 2 + self.c**2) - self.c  # pseudo-Huber
+        loss_local = (d * w).sum() / (w.sum() * a0.shape[-1]).clamp(min=1)
+        return loss_g + loss_local
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        for pt, ps in zip(self.target.parameters(), self.student.net.parameters()):
+            pt.mul_(self.decay).add_(ps.detach(), alpha=1 - self.decay)

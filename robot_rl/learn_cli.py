@@ -1,0 +1,160 @@
+"""`robot-rl train | distill | eval`: imitation, distillation and closed-loop evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from robot_rl.store import StoreError
+
+
+class LearnError(StoreError):
+    pass
+
+
+def _loop(cfg: DictConfig, section: DictConfig):
+    from robot_rl.learning.train import LoopConfig
+
+    t = cfg.train
+    return LoopConfig(steps=int(section.steps), batch_size=int(t.batch_size), lr=float(t.lr), warmup_steps=int(t.warmup_steps),
+                      eval_every=int(t.eval_every), eval_episodes=int(t.eval_episodes), eval_seed=int(t.eval_seed),
+                      ckpt_every=int(t.ckpt_every), num_workers=int(t.num_workers), seed=int(cfg.seed), device=cfg.device)
+
+
+def _stores(cfg: DictConfig, positional: str | None) -> list[str]:
+    v = positional or cfg.store
+    if v is None:
+        raise LearnError("training needs demonstrations: store=<store> (record them with robot-rl sim rollout ... record=)")
+    return [str(x) for x in v] if isinstance(v, (list, ListConfig)) else [str(v)]
+
+
+def _ensure_prepared(stores: list[str], console) -> None:
+    from robot_rl.store import EpisodeStore
+    from robot_rl.store.tools import prepare
+
+    for s in stores:
+        st = EpisodeStore(s)
+        p = st.attrs.get("prepared")
+        if not p or p.get("n_steps") != st.n_steps:
+            console.print(f"preparing {s} (policy-resolution images, normalisation statistics)")
+            prepare(s)
+
+
+def env_factory(task_name: str, setup: dict, spec_subset: dict | None = None):
+    """A zero-argument env constructor whose observations feed the checkpoint (image sizes from its subset)."""
+    from robot_rl.sim import make_env
+
+    setup = dict(setup)
+    if spec_subset is not None:
+        imgs = [o for o in spec_subset["observations"] if o["name"].startswith("image.")]
+        if imgs:
+            h, w = imgs[0]["shape"][:2]
+            setup.update(obs_mode="image", camera_width=w, camera_height=h,
+                         cameras=[o["name"].split(".", 1)[1] for o in imgs])
+    return lambda: make_env(task_name, **setup)
+
+
+def cmd_train(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
+    from robot_rl.learning.train import train_diffusion
+
+    if cfg.policy != "diffusion":
+        raise LearnError(f"robot-rl train trains policy=diffusion (got policy={cfg.policy}); "
+                         "distil it afterwards with robot-rl distill teacher=<ckpt>")
+    stores = _stores(cfg, positional)
+    _ensure_prepared(stores, console)
+    name, setup = task_setup(cfg)
+    keys = list(cfg.train.obs_keys) if cfg.train.obs_keys else None
+    pcfg = OmegaConf.to_container(cfg.net, resolve=True)
+    images = bool(cfg.train.images) or bool(keys and any(k.startswith("image.") for k in keys))
+    make = None
+    if cfg.train.eval_episodes > 0:
+        from robot_rl.store import EpisodeStore
+
+        st = EpisodeStore(stores[0])
+        from robot_rl.learning.train import default_obs_keys
+
+        used = keys or default_obs_keys(st.spec, images)
+        make = env_factory(name, setup, st.spec.policy_subset(used))
+    policy, hist = train_diffusion(stores, cfg.train.out, pcfg, _loop(cfg, cfg.train), keys, images, make, name,
+                                   progress=cfg.progress, resume=bool(cfg.train.resume))
+    ok = f", success {100 * hist.success[-1]:.0f}% (ddim10, {cfg.train.eval_episodes} episodes)" if hist.success else ""
+    console.print(f"teacher -> {cfg.train.out} (final loss {hist.loss[-1]:.4f}{ok}); curves: {cfg.train.out}/curves.png")
+    return 0
+
+
+def cmd_distill(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
+    from robot_rl.learning.train import distill
+    from robot_rl.policies.checkpoint import read_config
+
+    teacher = cfg.teacher or positional
+    if not teacher:
+        raise LearnError("robot-rl distill needs teacher=<checkpoint folder> (from robot-rl train)")
+    tcfg = read_config(teacher)
+    task = tcfg.get("task")
+    make = None
+    if cfg.train.eval_episodes > 0 and task:
+        tc = task_setup_for(task, cfg)
+        make = env_factory(task, tc, tcfg["spec_subset"])
+    stores = _stores(cfg, None) if cfg.store else None
+    _, hist = distill(teacher, cfg.distill.out, _loop(cfg, cfg.distill), stores, float(cfg.distill.dropout),
+                      int(cfg.distill.skip), make, task, progress=cfg.progress, resume=bool(cfg.train.resume))
+    ok = f", success {100 * hist.success[-1]:.0f}% (cm1)" if hist.success else ""
+    console.print(f"student -> {cfg.distill.out} (final loss {hist.loss[-1]:.4f}{ok})")
+    return 0
+
+
+def task_setup_for(task: str, cfg: DictConfig) -> dict:
+    from robot_rl.cli import compose, task_setup
+
+    return task_setup(compose([f"task={task}"]))[1]
+
+
+def cmd_eval(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
+    from rich.table import Table
+
+    from robot_rl.learning.evaluate import evaluate, resolve_device
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.spec import check_compatible
+
+    ckpt = cfg.ckpt or positional
+    if not ckpt:
+        raise LearnError("robot-rl eval needs ckpt=<checkpoint folder>")
+    device = resolve_device(cfg.device)
+    policy = load_policy(ckpt, device)
+    pcfg = policy.checkpoint_config
+    name, setup = task_setup(cfg)
+    if pcfg.get("task") and pcfg["task"] != name:
+        console.print(f"[yellow]note[/]: checkpoint was trained on task '{pcfg['task']}', evaluating on '{name}'")
+    seed = int(cfg.train.eval_seed)
+    seeds = pcfg.get("train_seeds")
+    if seeds and seeds[0] <= seed + cfg.episodes - 1 and seed <= seeds[1]:
+        raise LearnError(f"evaluation seeds {seed}..{seed + cfg.episodes - 1} overlap the demonstration seeds "
+                         f"{seeds[0]}..{seeds[1]}; set train.eval_seed beyond them")
+    make = env_factory(name, setup, pcfg["spec_subset"])
+    env = make()
+    check_compatible(pcfg["spec_subset"], env.robot_spec, hardware=False)
+    samplers = cfg.sampler if cfg.sampler is not None else ("cm1" if policy.kind == "consistency" else "ddim10")
+    samplers = [str(s) for s in samplers] if isinstance(samplers, (list, ListConfig)) else [str(samplers)]
+    out = Path(cfg.out)
+    results = []
+    for s in samplers:
+        video = out / f"{name.replace('/', '_')}_{s}.gif" if cfg.video else None
+        results.append(evaluate(policy, env, name, int(cfg.episodes), seed, s, device, video, progress=cfg.progress))
+    env.close()
+    t = Table(title=f"eval {ckpt} on {name} (seeds {seed}..{seed + cfg.episodes - 1}, paired across samplers)")
+    for c in ("sampler", "episodes", "success", "95% CI", "p50 ms/chunk", "p99 ms/chunk", "solutions"):
+        t.add_column(c)
+    for r in results:
+        ci = f"[{100 * r.ci95[0]:.1f}, {100 * r.ci95[1]:.1f}]"
+        sol = ", ".join(f"{k} {v}" for k, v in sorted(r.solutions.items()))
+        t.add_row(r.sampler, str(r.episodes), f"{100 * r.success_rate:.1f}%", ci, f"{r.latency_p50_ms:.2f}",
+                  f"{r.latency_p99_ms:.2f}", sol)
+    console.print(t)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "eval": cmd_eval}
