@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from robot_rl.policies.diffusion import DiffusionPolicy, parse_sampler
+from robot_rl.policies.diffusion import DiffusionPolicy, masked_mean, parse_sampler
 
 SIGMA_DATA = 0.5
 TIME_SCALE = 10.0
@@ -120,7 +120,7 @@ class Distiller:
             cond_teacher = self.teacher.condition(batch)
         a0 = s.normalizer.normalize("action", batch["action"].float())
         b = a0.shape[0]
-        w = (~batch["action_is_pad"]).float().unsqueeze(-1) if "action_is_pad" in batch else torch.ones_like(a0[..., :1])
+        pad = batch.get("action_is_pad")
         # trajectory term: half the batch jumps from the one-step start time, half from another start
         t0 = start_time(T)
         others = [2 * t0 // 3, t0 // 3, int(torch.randint(1, t0 + 1, (1,)))]
@@ -131,8 +131,7 @@ class Distiller:
             x_g = ag.sqrt() * a0[rows] + (1 - ag).sqrt() * torch.randn_like(a0[rows])
             target_g = self.teacher_ode(x_g, t_g, cond_teacher[rows])
             pred_g = s.consistency_fn(s.net, x_g, torch.full((x_g.shape[0],), t_g, device=a0.device), cond[rows])
-            d_g = torch.sqrt((pred_g - target_g) ** 2 + self.c**2) - self.c
-            loss_g = loss_g + (d_g * w[rows]).sum() / (w[rows].sum() * a0.shape[-1]).clamp(min=1)
+            loss_g = loss_g + masked_mean(self.distance(pred_g, target_g), None if pad is None else pad[rows])
         # local consistency term
         t_hi = torch.randint(self.skip, t0 + 1, (b,), device=a0.device)
         t_lo = t_hi - self.skip
@@ -146,9 +145,11 @@ class Distiller:
             x_lo = alo.sqrt() * x0 + (1 - alo).sqrt() * eps
             target = s.consistency_fn(self.target, x_lo, t_lo, cond.detach())
         pred = s.consistency_fn(s.net, x_hi, t_hi, cond)
-        d = torch.sqrt((pred - target) ** 2 + self.c**2) - self.c  # pseudo-Huber
-        loss_local = (d * w).sum() / (w.sum() * a0.shape[-1]).clamp(min=1)
-        return loss_g + loss_local
+        return loss_g + masked_mean(self.distance(pred, target), pad)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Pseudo-Huber: quadratic near 0, linear for large errors."""
+        return torch.sqrt((a - b) ** 2 + self.c**2) - self.c
 
     @torch.no_grad()
     def update_target(self) -> None:

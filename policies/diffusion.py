@@ -55,6 +55,15 @@ class PolicyConfig:
         return asdict(self)
 
 
+def masked_mean(err: torch.Tensor, is_pad: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a per-element error over (B, horizon, dim), skipping padded action steps: padding
+    teaches the network nothing about the demonstrator."""
+    if is_pad is None:
+        return err.mean()
+    w = (~is_pad).float().unsqueeze(-1)
+    return (err * w).sum() / (w.sum() * err.shape[-1]).clamp(min=1)
+
+
 def parse_sampler(name: str) -> tuple[str, int]:
     if name == "bc":
         return "bc", 1
@@ -101,11 +110,7 @@ class DiffusionPolicy(nn.Module):
         t = torch.randint(0, self.cfg.num_train_timesteps, (a0.shape[0],), device=a0.device)
         at = self.noise_scheduler.add_noise(a0, noise, t)
         pred = self.net(at, t, cond)
-        loss = (pred - noise) ** 2
-        if "action_is_pad" in batch:  # padded steps teach the network nothing about the demonstrator
-            w = (~batch["action_is_pad"]).float().unsqueeze(-1)
-            return (loss * w).sum() / (w.sum() * a0.shape[-1]).clamp(min=1)
-        return loss.mean()
+        return masked_mean((pred - noise) ** 2, batch.get("action_is_pad"))
 
     # ---- sampling -----------------------------------------------------------------------------------
     def scheduler(self, kind: str, steps: int):
@@ -150,11 +155,7 @@ class BCPolicy(DiffusionPolicy):
         cond = self.condition(batch)
         a0 = self.normalizer.normalize("action", batch["action"].float())
         pred = self.net(torch.zeros_like(a0), torch.zeros(a0.shape[0], dtype=torch.long, device=a0.device), cond)
-        loss = (pred - a0) ** 2
-        if "action_is_pad" in batch:
-            w = (~batch["action_is_pad"]).float().unsqueeze(-1)
-            return (loss * w).sum() / (w.sum() * a0.shape[-1]).clamp(min=1)
-        return loss.mean()
+        return masked_mean((pred - a0) ** 2, batch.get("action_is_pad"))
 
     @torch.no_grad()
     def sample_normalized(self, cond, sampler: str = "bc", generator=None, noise=None) -> torch.Tensor:

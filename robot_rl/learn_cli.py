@@ -139,10 +139,20 @@ def cmd_eval(cfg: DictConfig, positional: str | None, console, task_setup) -> in
     samplers = [str(s) for s in samplers] if isinstance(samplers, (list, ListConfig)) else [str(samplers)]
     out = Path(cfg.out)
     results = []
-    for s in samplers:
-        video = out / f"{name.replace('/', '_')}_{s}.gif" if cfg.video else None
-        results.append(evaluate(policy, env, name, int(cfg.episodes), seed, s, device, video, progress=cfg.progress))
-    env.close()
+    recorder = None
+    if cfg.record:
+        from robot_rl.rollout import EpisodeRecorder
+
+        recorder = EpisodeRecorder(cfg.record, env.robot_spec, name, "policy", cfg.data.image_codec or "blosc_zstd")
+    try:
+        for s in samplers:
+            video = out / f"{name.replace('/', '_')}_{s}.gif" if cfg.video else None
+            results.append(evaluate(policy, env, name, int(cfg.episodes), seed, s, device, video, progress=cfg.progress,
+                                    recorder=recorder))
+    finally:
+        if recorder is not None:
+            recorder.close()
+        env.close()
     t = Table(title=f"eval {ckpt} on {name} (seeds {seed}..{seed + cfg.episodes - 1}, paired across samplers)")
     for c in ("sampler", "episodes", "success", "95% CI", "p50 ms/chunk", "p99 ms/chunk", "solutions"):
         t.add_column(c)

@@ -113,6 +113,32 @@ def test_training_lowers_the_loss_and_beats_random_on_reach(reach_store, tmp_pat
     assert three.successes >= rnd.successes + 3 and one.successes >= rnd.successes, (one.to_dict(), three.to_dict())
 
 
+def test_resume_continues_from_the_last_checkpoint(reach_store, tmp_path):
+    loop = LoopConfig(steps=20, batch_size=16, lr=1e-3, warmup_steps=2, eval_episodes=0, ckpt_every=10, log_every=5)
+    _, first = train_diffusion([str(reach_store)], tmp_path / "t", dict(SMALL), loop, progress=False)
+    state = json.loads((tmp_path / "t" / "last" / "train_state.json").read_text())
+    assert state["step"] == 20 and first.steps[-1] == 20
+    longer = LoopConfig(**{**loop.__dict__, "steps": 30})
+    _, resumed = train_diffusion([str(reach_store)], tmp_path / "t", dict(SMALL), longer, progress=False, resume=True)
+    assert resumed.steps[:4] == first.steps[:4] and resumed.steps[-1] == 30  # history carried over, 10 more steps
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["step"] == 30
+
+
+def test_eval_records_policy_rollouts(reach_store, tmp_path):
+    p = tiny_policy()
+    from robot_rl.store import EpisodeStore
+
+    env = make_env("reach")
+    subset = env.robot_spec.policy_subset(["state.ee_pose"])
+    save_policy(p, tmp_path / "ck", subset, {"task": "reach"})
+    r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "eval", f"ckpt={tmp_path / 'ck'}", "task=reach",
+                        "episodes=3", "video=false", "record=pol.zarr", "progress=false"], capture_output=True, text=True,
+                       env={**os.environ, "MUJOCO_GL": "egl"}, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    st = EpisodeStore(tmp_path / "pol.zarr")
+    assert st.n_episodes == 3 and {m["source"] for m in st.meta} == {"policy"}
+
+
 def test_eval_refuses_a_checkpoint_the_env_cannot_feed(reach_store, tmp_path):
     p = tiny_policy()
     subset = {"observations": [{"name": "state.object.cube", "shape": [7], "dtype": "float32", "sim_only": True}],

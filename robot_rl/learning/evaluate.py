@@ -112,11 +112,14 @@ class EvalResult:
 
 
 def evaluate(policy: DiffusionPolicy, env, task: str, episodes: int, seed: int, sampler: str,
-             device: torch.device | str = "cpu", video_path: str | Path | None = None, progress: bool = False) -> EvalResult:
+             device: torch.device | str = "cpu", video_path: str | Path | None = None, progress: bool = False,
+             recorder=None) -> EvalResult:
+    """`recorder` (rollout.EpisodeRecorder) writes the policy's episodes to a store (source "policy")."""
     from robot_rl.rollout import run_episodes
 
     agent = ChunkAgent(policy, sampler, device)
-    s = run_episodes(env, agent, episodes, seed, task, sampler, video_path=video_path, progress=progress)
+    s = run_episodes(env, agent, episodes, seed, task, sampler, video_path=video_path, progress=progress,
+                     recorder=recorder)
     lat = np.asarray(agent.latencies_ms[1:] or agent.latencies_ms or [0.0])  # the first call warms up
     return EvalResult(task, sampler, s.episodes, s.successes, s.ci95, float(np.percentile(lat, 50)),
                       float(np.percentile(lat, 99)), dict(s.solutions), s.video, s.per_episode)
