@@ -135,7 +135,8 @@ def cmd_eval(cfg: DictConfig, positional: str | None, console, task_setup) -> in
     make = env_factory(name, setup, pcfg["spec_subset"])
     env = make()
     check_compatible(pcfg["spec_subset"], env.robot_spec, hardware=False)
-    samplers = cfg.sampler if cfg.sampler is not None else ("cm1" if policy.kind == "consistency" else "ddim10")
+    default = {"consistency": "cm1", "bc": "bc"}.get(policy.kind, "ddim10")
+    samplers = cfg.sampler if cfg.sampler is not None else default
     samplers = [str(s) for s in samplers] if isinstance(samplers, (list, ListConfig)) else [str(samplers)]
     out = Path(cfg.out)
     results = []
