@@ -27,7 +27,7 @@ def _one(positional: str | None, cfg: DictConfig, verb: str) -> Path:
     return Path(path)
 
 
-def _many(value, what: str) -> list[str]:
+def _many(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, (list, ListConfig)):
@@ -65,7 +65,7 @@ def cmd_validate(cfg: DictConfig, positional: str | None, console) -> int:
 
 
 def _record(cfg: DictConfig, verb: str, n: int = 1) -> list[str]:
-    outs = _many(cfg.record, "record")
+    outs = _many(cfg.record)
     if len(outs) != n:
         raise DataUsageError(f"'robot-rl data {verb}' writes {n} store(s): give record=" +
                              ("<out>" if n == 1 else "[<a>,<b>]"))
@@ -75,7 +75,7 @@ def _record(cfg: DictConfig, verb: str, n: int = 1) -> list[str]:
 def cmd_merge(cfg: DictConfig, positional: str | None, console) -> int:
     from robot_rl.store.tools import copy_episodes
 
-    paths = ([positional] if positional else []) + _many(cfg.store, "store")
+    paths = ([positional] if positional else []) + _many(cfg.store)
     if len(paths) < 2:
         raise DataUsageError("'robot-rl data merge' needs two or more stores: store=[a.zarr,b.zarr] record=<out>")
     out = _record(cfg, "merge")[0]
