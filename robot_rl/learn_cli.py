@@ -95,8 +95,7 @@ def cmd_distill(cfg: DictConfig, positional: str | None, console, task_setup) ->
     task = tcfg.get("task")
     make = None
     if cfg.train.eval_episodes > 0 and task:
-        tc = task_setup_for(task, cfg)
-        make = env_factory(task, tc, tcfg["spec_subset"])
+        make = env_factory(task, task_setup_for(task), tcfg["spec_subset"])
     stores = _stores(cfg, None) if cfg.store else None
     _, hist = distill(teacher, cfg.distill.out, _loop(cfg, cfg.distill), stores, float(cfg.distill.dropout),
                       int(cfg.distill.skip), make, task, progress=cfg.progress, resume=bool(cfg.train.resume))
@@ -105,7 +104,7 @@ def cmd_distill(cfg: DictConfig, positional: str | None, console, task_setup) ->
     return 0
 
 
-def task_setup_for(task: str, cfg: DictConfig) -> dict:
+def task_setup_for(task: str) -> dict:
     from robot_rl.cli import compose, task_setup
 
     return task_setup(compose([f"task={task}"]))[1]

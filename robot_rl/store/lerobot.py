@@ -24,7 +24,7 @@ One data file and one video file per camera (chunk-000/file-000): LeRobot's own 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import numpy as np
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec, image_key
 from robot_rl.store.format import StoreError
 from robot_rl.store.reader import EpisodeStore
+from robot_rl.store.tools import _identity
 from robot_rl.store.writer import EpisodeWriter
 
 CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
@@ -39,10 +40,6 @@ DATA_PATH = "data/" + CHUNK_FILE + ".parquet"
 VIDEO_PATH = "videos/{video_key}/" + CHUNK_FILE + ".mp4"
 EPISODES_PATH = "meta/episodes/" + CHUNK_FILE + ".parquet"
 LOSSLESS = ("blosc_zstd", "raw")
-
-
-def _identity(it: Iterable) -> Iterable:
-    return it
 
 
 def _video_key(image_key_name: str) -> str:

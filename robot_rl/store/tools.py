@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import fcntl
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from robot_rl.spec import SpecError
 from robot_rl.store.codecs import image_array_codecs
 from robot_rl.store.format import SOURCES, StoreError
 from robot_rl.store.reader import EpisodeStore
@@ -97,10 +95,6 @@ def copy_episodes(sources: Sequence[tuple[EpisodeStore, Sequence[int]]], dest: s
                 w.end_episode(success=success)
                 n += 1
     return n
-
-
-def filter_ids(st: EpisodeStore, source: str | None = None, success: bool | None = None, task: str | None = None) -> list[int]:
-    return st.select(source=source, success=success, task=task)
 
 
 def split_ids(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -217,9 +211,3 @@ def _plot_episode(data: dict, st: EpisodeStore, episode: int, out: Path) -> Path
     plt.close(fig)
     return out
 
-
-def info_json(path: str | Path) -> str:
-    try:
-        return json.dumps(EpisodeStore(path).summary(), indent=2)
-    except SpecError as e:
-        raise StoreError(str(e)) from None
