@@ -29,8 +29,9 @@ VERBS: dict[str, dict[str, str]] = {
     "train": {"": "train a diffusion teacher: policy=diffusion task=<task> store=<store> [train.steps=...]"},
     "distill": {"": "distil a one-step consistency student: teacher=<ckpt> [distill.steps=...]"},
     "eval": {"": "closed-loop evaluation: ckpt=<ckpt> task=<task> episodes=N sampler=<ddpm100|ddim10|cm1|cm3>"},
+    "launch": {"": "run a ROS 2 launch file: launch <file|sim_bringup|robot_bringup> [name:=value ...]"},
 }
-PLANNED = {"record", "replay", "run", "launch", "finetune"}
+PLANNED = {"record", "replay", "run", "finetune"}
 
 
 class UserError(Exception):
@@ -326,6 +327,14 @@ COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] == "launch":  # ROS launch arguments (name:=value), not Hydra overrides
+            from robot_rl.launcher import LaunchError
+            from robot_rl.launcher import main as launch_main
+
+            try:
+                return launch_main(argv[1:])
+            except LaunchError as e:
+                raise UserError(str(e)) from None
         verb, sub, positional, overrides = parse(argv)
         cfg = compose(overrides)
         return COMMANDS[(verb, sub)](cfg, positional)

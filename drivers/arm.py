@@ -1,0 +1,68 @@
+"""Arm backends (`mujoco` now; `franka` via pylibfranka). An arm backend streams measured state and
+takes absolute, time-stamped end-effector targets; interpolation, reference limiting and the command
+watchdog run in the backend's own control loop (sim: inside sim_world's physics stepping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class ArmState:
+    stamp: float
+    joint_pos: np.ndarray
+    joint_vel: np.ndarray
+    ee_pose: np.ndarray  # xyz + wxyz, base frame
+    gripper: float  # 0 open .. 1 closed
+    target: np.ndarray  # the target the controller currently tracks
+    holding: bool = False
+    error: str = ""
+
+
+class MujocoArm:
+    """The sim cell's Panda, through sim_world."""
+
+    def __init__(self, link_dir: Path, timeout: float = 0.5):
+        from robot_rl.drivers.sim_link import LinkClient
+
+        self.link = LinkClient(link_dir, "arm", ["state"])
+        self.lockstep = self.link.info.get("mode") == "lockstep"  # silence = the sim waiting for a command
+        self.timeout = timeout
+        self.refusals: list[str] = []
+
+    def read(self) -> ArmState | None:
+        msg = self.link.recv(self.timeout)
+        while msg is not None and msg.get("op") != "state":
+            if msg.get("op") == "refused":
+                self.refusals.append(msg.get("reason", ""))
+            msg = self.link.recv(self.timeout)
+        if msg is None:
+            return None
+        return ArmState(msg["t"], np.asarray(msg["q"]), np.asarray(msg["dq"]), np.asarray(msg["ee"]),
+                        float(msg["gripper"]), np.asarray(msg["target"]), bool(msg["holding"]))
+
+    def command(self, stamp: float, pose: np.ndarray, gripper: float | None) -> None:
+        self.link.send({"op": "target", "stamp": float(stamp), "pose": [float(v) for v in pose],
+                        "gripper": None if gripper is None else float(gripper)})
+
+    def hold(self) -> None:
+        self.link.send({"op": "hold"})
+
+    def home(self) -> None:
+        self.link.send({"op": "home"})
+
+    def recover(self) -> str:
+        self.hold()
+        return "sim arm has no error state; holding the measured pose"
+
+    def close(self) -> None:
+        self.link.close()
+
+
+ARM_BACKENDS = {  # backend name -> opener(arm section of the hardware config, sim link directory)
+    "mujoco": lambda s, link_dir: MujocoArm(link_dir),
+}

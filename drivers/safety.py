@@ -1,0 +1,136 @@
+"""The safety library: checks on absolute, time-stamped end-effector targets, a command watchdog and
+an e-stop latch. Used inside the arm backends (sim_world, Franka) and by the safety filter node.
+
+A target is refused (the arm holds) when it is not finite, outside the workspace box or outside the
+rotation limit; a feasible target that moves too far for its time step is shortened, not refused.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from robot_rl.geometry import quat_to_rot, rot_to_quat
+
+
+@dataclass(frozen=True)
+class SafetyLimits:
+    """Limits from `hardware_configs/<cell>.yaml` (`safety:` block)."""
+
+    workspace_low: tuple[float, float, float] = (0.25, -0.35, 0.0)
+    workspace_high: tuple[float, float, float] = (0.75, 0.35, 0.55)
+    nominal_quat: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 0.0)  # wxyz, tool pointing down
+    max_tilt_rad: float = 0.8  # rotation limit: angle from the nominal orientation
+    max_speed: float = 0.25  # m/s: per-step translation limit = max_speed * dt
+    max_angular_speed: float = 1.5  # rad/s
+    action_clip: tuple[float, ...] = (1.0,) * 7  # per-axis |a| bound on normalised delta actions
+    watchdog_periods: float = 2.0  # a stream older than this many of its periods is stale
+
+    def __post_init__(self):
+        lo, hi = np.asarray(self.workspace_low), np.asarray(self.workspace_high)
+        if lo.shape != (3,) or hi.shape != (3,) or np.any(lo >= hi):
+            raise ValueError(f"safety: workspace_low {list(lo)} must be below workspace_high {list(hi)} on every axis")
+        if self.max_speed <= 0 or self.max_angular_speed <= 0 or self.watchdog_periods <= 0:
+            raise ValueError("safety: max_speed, max_angular_speed and watchdog_periods must be positive")
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    target: np.ndarray | None  # the (possibly shortened) target to track, None if refused
+    reason: str = ""
+    limited: bool = False
+
+
+def clip_action(action: np.ndarray, limits: SafetyLimits) -> np.ndarray:
+    """Per-axis clip of a normalised delta action (NaN becomes 0: no motion on that axis)."""
+    a = np.nan_to_num(np.asarray(action, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    bound = np.asarray(limits.action_clip[: a.shape[-1]])
+    return np.clip(a, -bound, bound)
+
+
+def check_target(target: np.ndarray, previous: np.ndarray, dt: float, limits: SafetyLimits) -> Verdict:
+    """Check an absolute target (xyz + wxyz) against the limits, relative to the previous target
+    (or the measured pose) `dt` seconds earlier."""
+    t = np.asarray(target, dtype=np.float64)
+    if t.shape != (7,) or not np.all(np.isfinite(t)):
+        return Verdict(False, None, "target is not 7 finite numbers (xyz + wxyz)")
+    n = np.linalg.norm(t[3:])
+    if not 0.9 < n < 1.1:
+        return Verdict(False, None, f"target quaternion has norm {n:.3f}, not 1")
+    t[3:] /= n
+    lo, hi = np.asarray(limits.workspace_low), np.asarray(limits.workspace_high)
+    if np.any(t[:3] < lo - 1e-9) or np.any(t[:3] > hi + 1e-9):
+        return Verdict(False, None, f"target position {np.round(t[:3], 3).tolist()} is outside the workspace "
+                                    f"{list(lo)}..{list(hi)}")
+    rot = quat_to_rot(t[3:])
+    tilt = (rot * quat_to_rot(np.asarray(limits.nominal_quat)).inv()).magnitude()
+    if tilt > limits.max_tilt_rad:
+        return Verdict(False, None, f"target orientation is {np.degrees(tilt):.0f} deg from nominal "
+                                    f"(limit {np.degrees(limits.max_tilt_rad):.0f})")
+    dt = max(float(dt), 1e-3)
+    out, limited = t.copy(), False
+    dp = t[:3] - previous[:3]
+    max_dp = limits.max_speed * dt
+    if (d := np.linalg.norm(dp)) > max_dp:
+        out[:3] = previous[:3] + dp * (max_dp / d)
+        limited = True
+    r_prev = quat_to_rot(previous[3:])
+    dr = (rot * r_prev.inv()).as_rotvec()
+    max_dr = limits.max_angular_speed * dt
+    if (a := np.linalg.norm(dr)) > max_dr:
+        out[3:] = rot_to_quat(Rotation.from_rotvec(dr * (max_dr / a)) * r_prev)
+        limited = True
+    return Verdict(True, out, "shortened to the speed limit" if limited else "", limited)
+
+
+class StreamWatchdog:
+    """A stream is stale when its last sample is older than `periods` of its own period. The period
+    is the median of recent inter-arrival times (the declared period until two samples arrived)."""
+
+    def __init__(self, declared_period: float, periods: float = 2.0, history: int = 10):
+        self.declared = declared_period
+        self.periods = periods
+        self.last: float | None = None
+        self._intervals: deque[float] = deque(maxlen=history)
+
+    def feed(self, now: float) -> None:
+        if self.last is not None and now > self.last:
+            self._intervals.append(now - self.last)
+        self.last = now
+
+    @property
+    def period(self) -> float:
+        return float(np.median(self._intervals)) if self._intervals else self.declared
+
+    def age(self, now: float) -> float:
+        return float("inf") if self.last is None else now - self.last
+
+    def stale(self, now: float) -> bool:
+        return self.age(now) > self.periods * self.period
+
+    def reset(self) -> None:
+        self.last = None
+        self._intervals.clear()
+
+
+@dataclass
+class EStop:
+    """Latched e-stop: holds while the last value received is True (transient-local topic)."""
+
+    engaged: bool = False
+    released_at: float | None = None
+    history: list[tuple[float, bool]] = field(default_factory=list)
+
+    def set(self, engaged: bool, now: float) -> bool:
+        """Returns True when the state changed."""
+        changed = engaged != self.engaged
+        self.engaged = bool(engaged)
+        if changed:
+            self.history.append((now, self.engaged))
+            if not engaged:
+                self.released_at = now
+        return changed

@@ -1,0 +1,262 @@
+"""What every robot_rl node shares: process set-up (transport profile, real-time priority), the QoS
+table, `/diagnostics`, conversions between standard messages and the stack's arrays, and `main`.
+
+Poses are xyz + wxyz arrays in the stack and `geometry_msgs` (xyzw) on the wire: converted here only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+FASTDDS_PROFILE = str(resources.files("robot_rl.nodes") / "fastdds_shm.xml")
+
+
+def _argv_param(argv: list[str], name: str) -> str | None:
+    """A `-p name:=value` from --ros-args, read before rclpy is initialised."""
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-p", "--param") and argv[i + 1].startswith(f"{name}:="):
+            return argv[i + 1].split(":=", 1)[1]
+    return None
+
+
+def use_fast_transport(profile: str = "shm") -> None:
+    """Select the large-segment SHM Fast DDS profile for this process (call before rclpy.init).
+    An explicit FASTDDS_DEFAULT_PROFILES_FILE in the environment wins."""
+    if profile == "none" or os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
+        return
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = FASTDDS_PROFILE if profile == "shm" else profile
+
+
+def set_realtime_priority(priority: int) -> str:
+    """SCHED_FIFO for this process and the DDS threads it starts later; '' or why it was not possible."""
+    if priority <= 0:
+        return "off"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return ""
+    except (PermissionError, OSError, AttributeError) as e:
+        return f"SCHED_FIFO {priority} not permitted ({e.__class__.__name__}); running at normal priority"
+
+
+def prepare_process(argv: list[str], realtime: bool = False):
+    """Load the hardware config named in argv, pick the transport profile and, for image paths, the
+    real-time priority. Returns (config, note about priority)."""
+    from robot_rl.hardware import load_hardware_config
+
+    cfg = load_hardware_config(_argv_param(argv, "hardware_config") or "sim")
+    use_fast_transport(cfg.transport.fastdds_profile)
+    rt_note = set_realtime_priority(cfg.transport.rt_priority) if realtime else "off"
+    return cfg, rt_note
+
+
+# ---- QoS (the topics table in launch/README.md lists which topic uses which) --------------------
+def qos(kind: str):
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    table = {
+        "image": QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
+        "state": QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
+        "command": QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
+        "latched": QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                              durability=DurabilityPolicy.TRANSIENT_LOCAL),
+        "clock": QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.BEST_EFFORT),
+    }
+    return table[kind]
+
+
+# ---- conversions ----------------------------------------------------------------------------------
+def stamp_to_sec(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def sec_to_stamp(t: float, msg=None):
+    from builtin_interfaces.msg import Time
+
+    msg = msg or Time()
+    ns = int(round(t * 1e9))
+    msg.sec, msg.nanosec = divmod(ns, 1_000_000_000)
+    return msg
+
+
+def pose_to_msg(pose: np.ndarray, msg) -> Any:
+    """xyz + wxyz into a geometry_msgs Pose (position/orientation) or Transform (translation/rotation)."""
+    p = msg.position if hasattr(msg, "position") else msg.translation
+    q = msg.orientation if hasattr(msg, "orientation") else msg.rotation
+    p.x, p.y, p.z = (float(v) for v in pose[:3])
+    q.w, q.x, q.y, q.z = (float(v) for v in pose[3:7])
+    return msg
+
+
+def msg_to_pose(msg) -> np.ndarray:
+    p = msg.position if hasattr(msg, "position") else msg.translation
+    q = msg.orientation if hasattr(msg, "orientation") else msg.rotation
+    return np.array([p.x, p.y, p.z, q.w, q.x, q.y, q.z], dtype=np.float64)
+
+
+TARGET_JOINTS = ("ee", "gripper")  # MultiDOFJointTrajectory joints: the tool pose, the gripper (translation.x)
+
+
+def targets_to_msg(stamp0: float, targets: list[tuple[float, np.ndarray, float | None]], frame: str = "base"):
+    """Absolute time-stamped targets [(time, pose, gripper)] as one MultiDOFJointTrajectory."""
+    from geometry_msgs.msg import Transform
+    from trajectory_msgs.msg import MultiDOFJointTrajectory, MultiDOFJointTrajectoryPoint
+
+    msg = MultiDOFJointTrajectory()
+    msg.header.frame_id = frame
+    sec_to_stamp(stamp0, msg.header.stamp)
+    msg.joint_names = list(TARGET_JOINTS)
+    for t, pose, gripper in targets:
+        pt = MultiDOFJointTrajectoryPoint()
+        g = Transform()
+        g.translation.x = float("nan") if gripper is None else float(gripper)  # NaN: leave the gripper as is
+        pt.transforms = [pose_to_msg(pose, Transform()), g]
+        pt.time_from_start.sec, pt.time_from_start.nanosec = divmod(int(round((t - stamp0) * 1e9)), 1_000_000_000)
+        msg.points.append(pt)
+    return msg
+
+
+def msg_to_targets(msg) -> list[tuple[float, np.ndarray, float | None]]:
+    """Inverse of targets_to_msg. Raises ValueError with one line on a malformed message."""
+    names = list(msg.joint_names)
+    if not names or names[0] != "ee":
+        raise ValueError(f"target trajectory joint_names {names} must start with 'ee' (then optionally 'gripper')")
+    g_idx = names.index("gripper") if "gripper" in names else None
+    t0 = stamp_to_sec(msg.header.stamp)
+    out = []
+    for pt in msg.points:
+        if len(pt.transforms) != len(names):
+            raise ValueError(f"target point has {len(pt.transforms)} transforms for joints {names}")
+        g = None if g_idx is None else float(pt.transforms[g_idx].translation.x)
+        out.append((t0 + stamp_to_sec(pt.time_from_start), msg_to_pose(pt.transforms[0]),
+                    None if g is None or not np.isfinite(g) else g))
+    return out
+
+
+# ---- diagnostics ------------------------------------------------------------------------------------
+class RateMeter:
+    """Samples per second and age of the last sample, over a sliding window of arrival times."""
+
+    def __init__(self, window: int = 50):
+        self.times: deque[float] = deque(maxlen=window)
+
+    def tick(self, now: float | None = None) -> None:
+        self.times.append(time.monotonic() if now is None else now)
+
+    def rate(self) -> float:
+        if len(self.times) < 2 or self.times[-1] == self.times[0]:
+            return 0.0
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+    def age(self) -> float:
+        return float("inf") if not self.times else time.monotonic() - self.times[-1]
+
+
+class Diagnostics:
+    """Publishes one DiagnosticStatus per node on /diagnostics (call `maybe_publish` from any loop)."""
+
+    def __init__(self, node, period: float = 1.0):
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.node, self.period = node, period
+        self.pub = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.errors: deque[str] = deque(maxlen=5)
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            self.errors.append(text)
+        self.node.get_logger().warning(text, throttle_duration_sec=2.0)
+
+    def maybe_publish(self, values: dict[str, Any], level_ok: bool = True) -> None:
+        now = time.monotonic()
+        if now - self._last < self.period:
+            return
+        self._last = now
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+        with self._lock:
+            errors = list(self.errors)
+            self.errors.clear()
+        st = DiagnosticStatus()
+        st.name = self.node.get_fully_qualified_name()
+        st.hardware_id = self.node.get_name()
+        st.level = DiagnosticStatus.OK if level_ok and not errors else (
+            DiagnosticStatus.ERROR if not level_ok else DiagnosticStatus.WARN)
+        st.message = errors[-1] if errors else "ok"
+        st.values = [KeyValue(key=k, value=f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in values.items()]
+        arr = DiagnosticArray()
+        arr.header.stamp = self.node.get_clock().now().to_msg()
+        arr.status = [st]
+        self.pub.publish(arr)
+
+
+# ---- process entry ------------------------------------------------------------------------------------
+def declare(node, params: dict[str, Any]) -> dict[str, Any]:
+    """Declare parameters with defaults (from the hardware config); return the effective values."""
+    return {k: node.declare_parameter(k, v).value for k, v in params.items()}
+
+
+def run_node(build, argv: list[str] | None = None, realtime: bool = False) -> int:
+    """Shared `main`: config and transport, rclpy init, `build(node_args, cfg, rt_note, stop)` returns
+    the node and a loop callable (or None to just spin). SIGINT/SIGTERM stop it cleanly; a setup
+    error is one line on stderr and exit status 2."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        cfg, rt_note = prepare_process(argv, realtime)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    rclpy.init(args=argv, signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node = None
+    try:
+        node, loop = build(cfg, rt_note, stop)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        if loop is None:
+            while not stop.is_set():
+                executor.spin_once(timeout_sec=0.1)
+        else:
+            spinner = threading.Thread(target=_spin_until, args=(executor, stop), daemon=True)
+            spinner.start()
+            loop()
+            stop.set()
+            spinner.join(timeout=2.0)
+        return 0
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        return 0
+    finally:
+        stop.set()
+        close = getattr(node, "close", None)
+        if close is not None:
+            close()
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+
+
+def _spin_until(executor, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            executor.spin_once(timeout_sec=0.1)
+        except Exception as e:  # noqa: BLE001 - a callback error is reported, the node keeps running
+            print(f"error in callback: {e}", file=sys.stderr)

@@ -1,0 +1,223 @@
+"""The simulated robot cell behind the ROS graph: one MuJoCo task stepped at the command rate, with
+absolute time-stamped targets, the command watchdog, camera rendering and resets. `sim_world` (node)
+is a thin shell around `SimWorld`; the driver nodes' `mujoco` backends talk to it over the sim link.
+
+Modes: `realtime` paces ticks to the wall clock and reports the real-time factor; `lockstep` advances
+a tick only once a target for that tick has arrived, so the same commands give the same trajectory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from robot_rl.drivers.safety import SafetyLimits, StreamWatchdog, check_target
+from robot_rl.drivers.sim_link import WorldLink
+from robot_rl.sim.registry import TASKS, make_env
+from scipy.spatial.transform import Rotation
+
+from robot_rl.geometry import quat_to_rot, rot_to_quat
+
+MODES = ("realtime", "lockstep")
+
+
+@dataclass(frozen=True)
+class SimCamera:
+    name: str
+    width: int = 640
+    height: int = 480
+    rate_hz: float = 30.0
+
+
+@dataclass
+class Target:
+    stamp: float
+    pose: np.ndarray  # xyz + wxyz
+    gripper: float | None
+
+
+def interpolate(a: np.ndarray, b: np.ndarray, frac: float) -> np.ndarray:
+    """Pose a→b at fraction `frac` (linear in position, geodesic in rotation)."""
+    out = np.empty(7)
+    out[:3] = a[:3] + frac * (b[:3] - a[:3])
+    dr = (quat_to_rot(b[3:]) * quat_to_rot(a[3:]).inv()).as_rotvec()
+    out[3:] = rot_to_quat(Rotation.from_rotvec(frac * dr) * quat_to_rot(a[3:]))
+    return out
+
+
+class SimWorld:
+    """Owns the MuJoCo state. One `tick()` advances 1/command_hz seconds of sim time."""
+
+    def __init__(self, task: str = "reach", link_dir: Path | str = "", mode: str = "realtime",
+                 cameras: tuple[SimCamera, ...] = (SimCamera("front"), SimCamera("wrist")),
+                 command_hz: float = 100.0, target_period: float = 0.1, limits: SafetyLimits = SafetyLimits(),
+                 seed: int = 0, render_geometry: str = "visual", task_setup: dict[str, Any] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"sim_world: mode '{mode}' is not one of {MODES}")
+        if task not in TASKS:
+            raise ValueError(f"sim_world: task '{task}' is not a robot_rl MuJoCo task ({sorted(TASKS)})")
+        self.env = make_env(task, obs_mode="state", **(task_setup or {}))
+        self.mode, self.limits, self.geometry = mode, limits, render_geometry
+        self.h = 1.0 / command_hz
+        self.t = 0.0
+        self.cameras = cameras
+        self._next_frame = {c.name: 0.0 for c in cameras}
+        fovy = {c.name: float(self.env.model.cam_fovy[self.env._cam_id(c.name)]) for c in cameras}
+        arm = self.env.arm
+        self.link = WorldLink(Path(link_dir), [(c.name, c.width, c.height, fovy[c.name]) for c in cameras], {
+            "task": task, "mode": mode, "command_hz": command_hz,
+            "payload": {"mass": float(self.env.model.body_subtreemass[arm.tool_body])},
+        })
+        self.queue: deque[Target] = deque()
+        self.watchdog = StreamWatchdog(target_period, limits.watchdog_periods)
+        self.holding = True
+        self.refused = self.stale_holds = 0
+        self.episode, self.seed = 0, seed
+        self._last_state_wall = 0.0
+        self.reset(seed)
+        self.home_pose = arm.ee_pose
+        self._rtf_wall, self._rtf_sim, self.rtf = time.monotonic(), 0.0, 0.0
+
+    # ---- commands -----------------------------------------------------------------------------
+    def reset(self, seed: int | None) -> None:
+        self.env.reset(seed=seed)
+        self.queue.clear()
+        self.watchdog.reset()
+        self.holding = True
+        for c in self.cameras:
+            self._next_frame[c.name] = self.t
+
+    def hold(self) -> None:
+        """Hold the measured pose: drop queued targets, target := measured pose."""
+        self.queue.clear()
+        self.env.arm.sync_target()
+        self.holding = True
+
+    def add_target(self, stamp: float, pose, gripper: float | None) -> str:
+        """Queue an absolute target; the world re-checks it (safety is enforced twice)."""
+        while self.queue and self.queue[-1].stamp >= stamp:  # a newer plan replaces the overlapping tail
+            self.queue.pop()
+        prev = self.queue[-1].pose if self.queue else self.env.arm.target
+        dt = max(stamp - (self.queue[-1].stamp if self.queue else self.t), self.h)
+        v = check_target(np.asarray(pose, dtype=np.float64), prev, dt, self.limits)
+        if not v.ok:
+            self.refused += 1
+            self.hold()
+            return v.reason
+        self.watchdog.feed(self.t)
+        self.queue.append(Target(stamp, v.target, None if gripper is None else float(gripper)))
+        self.holding = False
+        return ""
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        try:
+            if op == "target":
+                reason = self.add_target(float(msg["stamp"]), msg["pose"], msg.get("gripper"))
+                if reason:
+                    self.link.reply(msg, {"op": "refused", "reason": reason})
+            elif op == "hold":
+                self.hold()
+            elif op == "home":
+                self.queue.clear()
+                self.add_target(self.t + float(msg.get("duration", 2.0)), self.home_pose, None)
+            elif op == "reset":
+                self.episode = int(msg.get("episode", self.episode + 1))
+                self.reset(msg.get("seed"))
+                self.publish_state()
+                self.link.reply(msg, {"op": "reset_done", "episode": self.episode, "t": self.t})
+        except (KeyError, TypeError, ValueError) as e:  # a bad message never stops the world
+            self.link.reply(msg, {"op": "refused", "reason": f"bad '{op}' message: {e}"})
+
+    # ---- stepping -----------------------------------------------------------------------------
+    def reference(self) -> tuple[np.ndarray, float | None]:
+        """The target for the end of this tick: the latest queued target whose time has come, else a
+        point on the way to the next one; targets whose time has passed are superseded, never shifted."""
+        arm, te = self.env.arm, self.t + self.h
+        ref, gripper = arm.target, None
+        while self.queue and self.queue[0].stamp <= te + 1e-9:
+            tgt = self.queue.popleft()
+            ref, gripper = tgt.pose, tgt.gripper if tgt.gripper is not None else gripper
+        if self.queue and not np.array_equal(ref, self.queue[0].pose):
+            nxt = self.queue[0]
+            ref = interpolate(ref, nxt.pose, min(1.0, self.h / max(nxt.stamp - self.t, self.h)))
+        return ref, gripper
+
+    def command_ready(self) -> bool:
+        """Lock-step: this tick's command is in (a target at or beyond the end of the tick)."""
+        return bool(self.queue) and self.queue[-1].stamp >= self.t + self.h - 1e-9
+
+    def tick(self) -> None:
+        if self.mode == "realtime" and not self.holding and self.watchdog.stale(self.t):
+            self.stale_holds += 1
+            self.hold()
+        ref, gripper = self.reference()
+        if gripper is not None:
+            self.env.arm.set_gripper(gripper)
+        self.env.arm.run(ref, self.h)
+        self.t = round(self.t + self.h, 9)
+        self.publish_state()
+        self.render_due()
+
+    def publish_state(self) -> None:
+        env, arm = self.env, self.env.arm
+        success, failed, shaping = env.evaluate()
+        d, m = env.data, env.model
+        raw = -np.concatenate([d.sensordata[arm._ft_force:arm._ft_force + 3],
+                               d.sensordata[arm._ft_torque:arm._ft_torque + 3]])
+        self._last_state_wall = time.monotonic()
+        self.link.publish("state", {
+            "op": "state", "t": self.t, "episode": self.episode, "q": arm.joint_pos.tolist(),
+            "dq": arm.joint_vel.tolist(), "ee": arm.ee_pose.tolist(), "gripper": arm.gripper,
+            "target": arm.target.tolist(), "wrench_raw": raw.tolist(),
+            "ft_rot": d.site_xmat[arm.ft_site].tolist(), "holding": self.holding, "success": bool(success),
+            "failed": bool(failed), "reward": float(success) + float(shaping), "refused": self.refused,
+            "stale_holds": self.stale_holds, "rtf": self.rtf, "payload_mass": float(m.body_subtreemass[arm.tool_body]),
+        })
+
+    def render_due(self) -> None:
+        for c in self.cameras:
+            if self.t + 1e-9 >= self._next_frame[c.name]:
+                self._next_frame[c.name] += 1.0 / c.rate_hz
+                if self.link.has_subscribers(f"camera/{c.name}"):
+                    self.link.publish_frame(c.name, self.env.render_camera(c.name, c.width, c.height, self.geometry),
+                                            self.t)
+
+    def run(self, should_stop, on_tick=None) -> None:
+        """The loop: messages, then a tick when its time (realtime) or its command (lockstep) has come."""
+        wall0, sim0 = time.monotonic(), self.t
+        while not should_stop():
+            if self.mode == "realtime":
+                wait = wall0 + (self.t - sim0) - time.monotonic()
+                if wait < -0.5:  # fell behind by more than half a second: re-anchor, report it via rtf
+                    wall0, sim0, wait = time.monotonic(), self.t, 0.0
+                for msg in self.link.poll(max(wait, 0.0)):
+                    self.handle(msg)
+                if wall0 + (self.t - sim0) > time.monotonic():
+                    continue
+            else:
+                for msg in self.link.poll(0.0 if self.command_ready() else 0.05):
+                    self.handle(msg)
+                if not self.command_ready():
+                    if time.monotonic() - self._last_state_wall > 0.1:
+                        self.publish_state()  # heartbeat while waiting: same stamp, new subscribers see the state
+                    continue
+            self.tick()
+            self._update_rtf()
+            if on_tick is not None:
+                on_tick(self)
+
+    def _update_rtf(self) -> None:
+        now = time.monotonic()
+        if now - self._rtf_wall >= 1.0:
+            self.rtf = (self.t - self._rtf_sim) / (now - self._rtf_wall)
+            self._rtf_wall, self._rtf_sim = now, self.t
+
+    def close(self) -> None:
+        self.link.close()
+        self.env.close()
+

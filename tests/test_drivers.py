@@ -1,0 +1,254 @@
+"""Driver classes without ROS: F/T devices against peers speaking their wire protocols (UDP RDT, a
+serial pty), the payload fit on the MuJoCo wrist sensor, the safety library, hardware configs and the
+launch-file subset."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from robot_rl.drivers.ft import (RDT_BIAS, RDT_RECORD, RDT_START, RDT_STOP, NetFT, Payload, RobotiqFT300,
+                                 crc16_modbus, fit_payload, ft300_frame, modbus_write_register)
+from robot_rl.drivers.safety import EStop, SafetyLimits, StreamWatchdog, check_target, clip_action
+from robot_rl.hardware import HardwareConfigError, load_hardware_config
+from robot_rl.launcher import LaunchError, parse, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOWN = np.array([0.0, 1.0, 0.0, 0.0])
+
+
+# ---- ATI Net F/T ------------------------------------------------------------------------------
+class RdtPeer(threading.Thread):
+    """A Net F/T box on loopback: ignores the first start request (UDP loss), then streams records
+    with two lost packets, one reordered pair, a duplicate and one status error."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.commands: list[int] = []
+
+    def run(self):
+        starts = 0
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(64)
+            except OSError:
+                return
+            header, command, _count = struct.unpack(">HHI", data)
+            assert header == 0x1234
+            self.commands.append(command)
+            if command != RDT_START:
+                continue
+            starts += 1
+            if starts == 1:
+                continue  # the first request is "lost"
+            order = [1, 2, 3, 4, 7, 8, 10, 9, 11, 11, 12]  # 5, 6 lost; 9 after 10; 11 twice
+            for seq in order:
+                counts = [seq * 1000, -2000, 3000, 40, -50, 60]
+                status = 0x8000 if seq == 12 else 0
+                self.sock.sendto(RDT_RECORD.pack(seq, seq, status, *counts), addr)
+
+
+def test_netft_rdt_scaling_loss_and_reordering():
+    peer = RdtPeer()
+    peer.start()
+    ft = NetFT("127.0.0.1", counts_per_force=1000.0, counts_per_torque=100.0, port=peer.port, timeout=0.3)
+    ft.start()
+    samples = []
+    while (s := ft.read()) is not None:
+        samples.append(s)
+    ft.bias()
+    ft.close()
+    time.sleep(0.1)
+    seqs = [round(s.wrench[0]) for s in samples]
+    assert seqs == [1, 2, 3, 4, 7, 8, 10, 11, 12], "in-order delivery, late and duplicate packets dropped"
+    np.testing.assert_allclose(samples[0].wrench, [1.0, -2.0, 3.0, 0.4, -0.5, 0.6])
+    assert ft.stats() == {"received": 9, "lost": 3, "out_of_order": 2, "status_errors": 1}
+    # 5, 6 and 9 never arrived in order: 3 lost; 9 (late) and the second 11 are out of order
+    assert peer.commands[:2] == [RDT_START, RDT_START], "start is retried when UDP drops it"
+    assert peer.commands[-2:] == [RDT_BIAS, RDT_STOP]
+
+
+def test_netft_without_a_sensor_is_one_clear_error():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but never answering
+        ft = NetFT("127.0.0.1", 1e6, 1e6, port=port, timeout=0.05)
+        with pytest.raises(ConnectionError, match="no RDT data"):
+            ft.start(retries=2)
+
+
+# ---- Robotiq FT-300 ------------------------------------------------------------------------------
+def test_crc16_modbus_reference_value():
+    assert crc16_modbus(b"123456789") == 0x4B37  # the CRC-16/MODBUS check value
+    assert modbus_write_register(9, 410, 0x0200) == bytes.fromhex("0906019a0200") + struct.pack(
+        "<H", crc16_modbus(bytes.fromhex("0906019a0200")))
+
+
+def test_robotiq_ft300_over_a_pty_resyncs_and_rejects_bad_crc():
+    master, slave = os.openpty()
+    ft = RobotiqFT300(os.ttyname(slave), timeout=0.3)
+    ft.start()
+    assert os.read(master, 8) == modbus_write_register(9, 410, 0x0200)
+    w1, w2, w3 = [1.5, -2.25, 10.0, 0.125, -0.5, 0.75], [0.0, 1.0, -1.0, 0.0, 0.01, -0.01], [3.0, 2.0, 1.0, 0, 0, 0]
+    bad = bytearray(ft300_frame(w2))
+    bad[5] ^= 0xFF  # corrupted in transit: CRC no longer matches
+    stream = b"\x13\x37garbage" + ft300_frame(w1) + bytes(bad) + ft300_frame(w2) + ft300_frame(w3)
+    def peer():
+        os.write(master, stream[:20])  # a frame split across reads
+        time.sleep(0.05)
+        os.write(master, stream[20:])
+
+    threading.Thread(target=peer, daemon=True).start()
+    got = [ft.read(), ft.read(), ft.read()]
+    np.testing.assert_allclose(got[0].wrench, w1, atol=1e-3)
+    np.testing.assert_allclose(got[1].wrench, w2, atol=1e-3)
+    np.testing.assert_allclose(got[2].wrench, w3, atol=1e-3)
+    assert ft.read() is None  # nothing more: timeout, not a hang
+    assert ft.stats()["crc_errors"] >= 1 and ft.stats()["frames"] == 3
+    ft.close()
+    assert os.read(master, 64).startswith(b"\xff" * 50), "close stops the stream"
+    os.close(master)
+
+
+# ---- payload -----------------------------------------------------------------------------------
+def test_payload_fit_recovers_the_sim_tool_mass_within_5_percent():
+    from robot_rl.geometry import apply_delta
+    from robot_rl.sim.registry import make_env
+
+    env = make_env("reach")
+    env.reset(seed=0)
+    arm, d = env.arm, env.data
+    true_mass = float(env.model.body_subtreemass[arm.tool_body])
+    home = arm.ee_pose
+    tilts = [(0, 0, 0), (0.5, 0, 0), (-0.5, 0, 0), (0, 0.5, 0), (0, -0.5, 0), (0.4, 0.4, 0), (0, 0, 1.2), (-0.3, 0.3, 0.6)]
+    raws, rots = [], []
+    for rv in tilts:
+        arm.run(apply_delta(home, np.zeros(3), np.array(rv)), 1.5)
+        arm.run(arm.target, 0.5)  # settle
+        raws.append(-np.concatenate([d.sensordata[arm._ft_force:arm._ft_force + 3],
+                                     d.sensordata[arm._ft_torque:arm._ft_torque + 3]]))
+        rots.append(d.site_xmat[arm.ft_site].reshape(3, 3).copy())
+    p = fit_payload(np.array(raws[:-1]), np.array(rots[:-1]))
+    assert p.mass == pytest.approx(true_mass, rel=0.05), f"fit {p.mass:.3f} kg vs model {true_mass:.3f} kg"
+    residual = p.compensate(raws[-1], rots[-1])  # an orientation the fit did not see
+    assert np.linalg.norm(residual[:3]) < 0.3 and np.linalg.norm(residual[3:]) < 0.03
+    unfit = Payload().compensate(raws[-1], rots[-1])
+    assert np.linalg.norm(unfit[:3]) > 5.0, "without compensation the tool's weight shows"
+    with pytest.raises(ValueError, match="need at least 6"):
+        fit_payload(np.array(raws[:3]), np.array(rots[:3]))
+    env.close()
+
+
+# ---- safety --------------------------------------------------------------------------------------
+def test_safety_refuses_nan_workspace_and_tilt_and_shortens_fast_steps():
+    lim = SafetyLimits(max_speed=0.2, max_angular_speed=1.0, max_tilt_rad=np.deg2rad(30))
+    here = np.r_[0.5, 0.0, 0.3, DOWN]
+    assert check_target(here, here, 0.1, lim).ok
+    assert not check_target(np.r_[0.5, np.nan, 0.3, DOWN], here, 0.1, lim).ok
+    v = check_target(np.r_[0.5, 0.0, 0.9, DOWN], here, 0.1, lim)
+    assert not v.ok and "outside the workspace" in v.reason
+    tilted = np.r_[0.5, 0.0, 0.3, np.cos(0.4), np.sin(0.4), 0.0, 0.0]  # 0.8 rad from nominal
+    v = check_target(tilted, here, 0.1, lim)
+    assert not v.ok and "deg from nominal" in v.reason
+    v = check_target(np.r_[0.6, 0.0, 0.3, DOWN], here, 0.1, lim)  # 10 cm in 0.1 s at 0.2 m/s max
+    assert v.ok and v.limited and v.target[0] == pytest.approx(0.52)
+    np.testing.assert_allclose(clip_action(np.array([2.0, -3.0, np.nan, 0.5]), lim), [1.0, -1.0, 0.0, 0.5])
+
+
+def test_watchdog_uses_the_streams_own_period_and_estop_latches():
+    w = StreamWatchdog(declared_period=0.1, periods=2.0)
+    assert w.stale(0.0), "no sample yet is stale"
+    for k in range(5):
+        w.feed(k * 0.02)  # a 50 Hz stream
+    assert w.period == pytest.approx(0.02)
+    assert not w.stale(0.08 + 0.039) and w.stale(0.08 + 0.041)
+    e = EStop()
+    assert e.set(True, 1.0) and e.engaged and not e.set(True, 2.0)
+    assert e.set(False, 3.0) and e.released_at == 3.0
+
+
+# ---- hardware configs ------------------------------------------------------------------------------
+def test_shipped_hardware_configs_load_into_spec_hydra_and_ros_params():
+    for name in ("sim", "franka_panda"):
+        cfg = load_hardware_config(name)
+        spec = cfg.robot_spec()
+        assert {"state.ee_pose", "state.wrench", "image.front", "image.wrist"} <= set(spec.keys())
+        assert cfg.hydra().safety.max_speed == cfg.safety.max_speed
+        params = cfg.ros_params("arm_node")
+        assert params["safety.workspace_low"] == list(cfg.safety.workspace_low)
+        assert cfg.ros_params("camera_node", camera="front")["camera.width"] == 640
+    assert load_hardware_config("franka_panda").ft.backend == "netft"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("name: x\nsafty: {}\n", "unknown field 'safty'; did you mean 'safety'"),
+    ("name: x\narm: {translational_stiffness: stiff}\n", "'arm.translational_stiffness' must be float"),
+    ("name: x\nkind: hardware\narm: {backend: franka, address: 1.2.3.4}\n", "cannot use the mujoco backend"),
+    ("name: x\nsafety: {workspace_low: [0, 0, 1], workspace_high: [1, 1, 0.5]}\n", "must be below"),
+    ("name: x\ncameras: [{name: a, backend: kinect}]\n", "'cameras.a.backend' is 'kinect'"),
+    ("- just a list\n", "expected a mapping"),
+])
+def test_a_wrong_hardware_field_is_one_clear_error(tmp_path, text, match):
+    f = tmp_path / "cell.yaml"
+    f.write_text(text)
+    with pytest.raises(HardwareConfigError, match=match) as e:
+        load_hardware_config(f)
+    assert "\n" not in str(e.value) and str(f) in str(e.value)
+
+
+# ---- launch files ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sim_bringup.launch.yaml", "robot_bringup.launch.xml"])
+def test_shipped_launch_files_follow_the_supported_schema(name):
+    from pathlib import Path
+
+    path = Path(ROOT) / "launch" / name
+    root = parse(path)
+    procs = plan(path, {})
+    nodes = [c for c in root.children if c.tag == "node"]
+    assert len(procs) == len(nodes) >= 5 and all(p.required for p in procs)
+    for p in procs:
+        assert p.cmd[:2] == [sys.executable, "-m"] and p.cmd[2].startswith("robot_rl.nodes.")
+        assert "--ros-args" in p.cmd and f"__node:={p.name}" in p.cmd
+        assert any(a.startswith("hardware_config:=") for a in p.cmd)
+
+
+@pytest.mark.parametrize("text, args, match", [
+    ("launch:\n- include: {file: x.launch.yaml}\n", {}, "<include> .* is not supported"),
+    ("launch:\n- node: {pkg: robot_rl, exec: arm_node, respawn_delay: '1'}\n", {}, "unsupported attribute 'respawn_delay'"),
+    ("launch:\n- node: {pkg: robot_rl, exec: teleporter}\n", {}, "no node 'teleporter'"),
+    ("launch:\n- arg: {name: a}\n", {}, "launch argument 'a' is required"),
+    ("launch:\n- arg: {name: a, default: '1'}\n", {"b": "2"}, r"unknown launch argument\(s\) \['b'\]"),
+    ("launch:\n- node: {pkg: robot_rl, exec: arm_node, name: $(eval 1+1)}\n", {}, r"\$\(eval \.\.\.\) is not supported"),
+    ("launch:\n- node: {pkg: robot_rl, exec: arm_node, on_exit: restart}\n", {}, "only 'shutdown'"),
+])
+def test_launch_errors_are_one_line(tmp_path, text, args, match):
+    f = tmp_path / "bad.launch.yaml"
+    f.write_text(text)
+    with pytest.raises(LaunchError, match=match) as e:
+        plan(f, args)
+    assert "\n" not in str(e.value)
+
+
+def test_xml_and_yaml_frontends_give_the_same_plan(tmp_path):
+    (tmp_path / "a.launch.xml").write_text(
+        '<launch><arg name="hw" default="sim"/><node pkg="robot_rl" exec="arm_node" name="arm" namespace="r1">'
+        '<param name="hardware_config" value="$(var hw)"/><remap from="/arm/target" to="/r1/target"/></node></launch>')
+    (tmp_path / "a.launch.yaml").write_text(
+        "launch:\n- arg: {name: hw, default: sim}\n- node:\n    pkg: robot_rl\n    exec: arm_node\n    name: arm\n"
+        "    namespace: r1\n    param:\n    - {name: hardware_config, value: $(var hw)}\n"
+        "    remap:\n    - {from: /arm/target, to: /r1/target}\n")
+    a, b = plan(tmp_path / "a.launch.xml", {"hw": "franka_panda"}), plan(tmp_path / "a.launch.yaml", {"hw": "franka_panda"})
+    assert a[0].cmd == b[0].cmd
+    ros_args = a[0].cmd[a[0].cmd.index("--ros-args"):]
+    assert ros_args == ["--ros-args", "-r", "__node:=arm", "-r", "__ns:=/r1", "-p", "hardware_config:=franka_panda",
+                        "-r", "/arm/target:=/r1/target"]
