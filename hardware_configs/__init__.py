@@ -1,0 +1,1 @@
+"""Hardware configs, shipped as package data so nodes accept `hardware_config:=<name>` (see README.md)."""

@@ -3,7 +3,7 @@ ROS 2's launch system is not installed. The same files stay valid for `ros2 laun
 
 Supported subset (anything else is refused with one clear line):
   arg(name, default, description) · let(name, value) · set_env(name, value)
-  node(pkg, exec, name, namespace, output, on_exit, args, respawn) with children
+  node(pkg, exec, name, namespace, output, on_exit, args) with children
       param(name, value | from) · remap(from, to) · env(name, value)
   executable(cmd, name, cwd, output, on_exit) with env children
   substitutions: $(var NAME) · $(env NAME [DEFAULT]) · $(find-pkg-share PKG)
@@ -37,7 +37,7 @@ SCHEMA: dict[str, tuple[set[str], set[str]]] = {  # tag -> (attributes, child ta
     "arg": ({"name", "default", "description"}, set()),
     "let": ({"name", "value"}, set()),
     "set_env": ({"name", "value"}, set()),
-    "node": ({"pkg", "exec", "name", "namespace", "output", "on_exit", "args", "respawn"}, {"param", "remap", "env"}),
+    "node": ({"pkg", "exec", "name", "namespace", "output", "on_exit", "args"}, {"param", "remap", "env"}),
     "executable": ({"cmd", "name", "cwd", "output", "on_exit"}, {"env"}),
     "param": ({"name", "value", "from"}, set()),
     "remap": ({"from", "to"}, set()),
