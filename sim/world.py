@@ -9,18 +9,15 @@ a tick only once a target for that tick has arrived, so the same commands give t
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from robot_rl.drivers.safety import SafetyLimits, StreamWatchdog, check_target
+from robot_rl.drivers.safety import SafetyLimits
 from robot_rl.drivers.sim_link import WorldLink
+from robot_rl.drivers.targets import TargetQueue
 from robot_rl.sim.registry import TASKS, make_env
-from scipy.spatial.transform import Rotation
-
-from robot_rl.geometry import quat_to_rot, rot_to_quat
 
 MODES = ("realtime", "lockstep")
 
@@ -31,22 +28,6 @@ class SimCamera:
     width: int = 640
     height: int = 480
     rate_hz: float = 30.0
-
-
-@dataclass
-class Target:
-    stamp: float
-    pose: np.ndarray  # xyz + wxyz
-    gripper: float | None
-
-
-def interpolate(a: np.ndarray, b: np.ndarray, frac: float) -> np.ndarray:
-    """Pose a→b at fraction `frac` (linear in position, geodesic in rotation)."""
-    out = np.empty(7)
-    out[:3] = a[:3] + frac * (b[:3] - a[:3])
-    dr = (quat_to_rot(b[3:]) * quat_to_rot(a[3:]).inv()).as_rotvec()
-    out[3:] = rot_to_quat(Rotation.from_rotvec(frac * dr) * quat_to_rot(a[3:]))
-    return out
 
 
 class SimWorld:
@@ -72,10 +53,8 @@ class SimWorld:
             "task": task, "mode": mode, "command_hz": command_hz,
             "payload": {"mass": float(self.env.model.body_subtreemass[arm.tool_body])},
         })
-        self.queue: deque[Target] = deque()
-        self.watchdog = StreamWatchdog(target_period, limits.watchdog_periods)
+        self.targets = TargetQueue(limits, target_period)
         self.holding = True
-        self.refused = self.stale_holds = 0
         self.episode, self.seed = 0, seed
         self._last_state_wall = 0.0
         self.reset(seed)
@@ -85,33 +64,26 @@ class SimWorld:
     # ---- commands -----------------------------------------------------------------------------
     def reset(self, seed: int | None) -> None:
         self.env.reset(seed=seed)
-        self.queue.clear()
-        self.watchdog.reset()
+        self.targets.clear()
+        self.targets.watchdog.reset()
         self.holding = True
         for c in self.cameras:
             self._next_frame[c.name] = self.t
 
     def hold(self) -> None:
         """Hold the measured pose: drop queued targets, target := measured pose."""
-        self.queue.clear()
+        self.targets.clear()
         self.env.arm.sync_target()
         self.holding = True
 
     def add_target(self, stamp: float, pose, gripper: float | None) -> str:
         """Queue an absolute target; the world re-checks it (safety is enforced twice)."""
-        while self.queue and self.queue[-1].stamp >= stamp:  # a newer plan replaces the overlapping tail
-            self.queue.pop()
-        prev = self.queue[-1].pose if self.queue else self.env.arm.target
-        dt = max(stamp - (self.queue[-1].stamp if self.queue else self.t), self.h)
-        v = check_target(np.asarray(pose, dtype=np.float64), prev, dt, self.limits)
-        if not v.ok:
-            self.refused += 1
+        reason = self.targets.add(self.t, stamp, pose, gripper, self.env.arm.target, self.h)
+        if reason:
             self.hold()
-            return v.reason
-        self.watchdog.feed(self.t)
-        self.queue.append(Target(stamp, v.target, None if gripper is None else float(gripper)))
-        self.holding = False
-        return ""
+        else:
+            self.holding = False
+        return reason
 
     def handle(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -123,7 +95,7 @@ class SimWorld:
             elif op == "hold":
                 self.hold()
             elif op == "home":
-                self.queue.clear()
+                self.targets.clear()
                 self.add_target(self.t + float(msg.get("duration", 2.0)), self.home_pose, None)
             elif op == "reset":
                 self.episode = int(msg.get("episode", self.episode + 1))
@@ -134,28 +106,10 @@ class SimWorld:
             self.link.reply(msg, {"op": "refused", "reason": f"bad '{op}' message: {e}"})
 
     # ---- stepping -----------------------------------------------------------------------------
-    def reference(self) -> tuple[np.ndarray, float | None]:
-        """The target for the end of this tick: the latest queued target whose time has come, else a
-        point on the way to the next one; targets whose time has passed are superseded, never shifted."""
-        arm, te = self.env.arm, self.t + self.h
-        ref, gripper = arm.target, None
-        while self.queue and self.queue[0].stamp <= te + 1e-9:
-            tgt = self.queue.popleft()
-            ref, gripper = tgt.pose, tgt.gripper if tgt.gripper is not None else gripper
-        if self.queue and not np.array_equal(ref, self.queue[0].pose):
-            nxt = self.queue[0]
-            ref = interpolate(ref, nxt.pose, min(1.0, self.h / max(nxt.stamp - self.t, self.h)))
-        return ref, gripper
-
-    def command_ready(self) -> bool:
-        """Lock-step: this tick's command is in (a target at or beyond the end of the tick)."""
-        return bool(self.queue) and self.queue[-1].stamp >= self.t + self.h - 1e-9
-
     def tick(self) -> None:
-        if self.mode == "realtime" and not self.holding and self.watchdog.stale(self.t):
-            self.stale_holds += 1
+        if self.mode == "realtime" and self.targets.stale(self.t):
             self.hold()
-        ref, gripper = self.reference()
+        ref, gripper = self.targets.reference(self.t, self.h, self.env.arm.target)
         if gripper is not None:
             self.env.arm.set_gripper(gripper)
         self.env.arm.run(ref, self.h)
@@ -175,8 +129,8 @@ class SimWorld:
             "dq": arm.joint_vel.tolist(), "ee": arm.ee_pose.tolist(), "gripper": arm.gripper,
             "target": arm.target.tolist(), "wrench_raw": raw.tolist(),
             "ft_rot": d.site_xmat[arm.ft_site].tolist(), "holding": self.holding, "success": bool(success),
-            "failed": bool(failed), "reward": float(success) + float(shaping), "refused": self.refused,
-            "stale_holds": self.stale_holds, "rtf": self.rtf, "payload_mass": float(m.body_subtreemass[arm.tool_body]),
+            "failed": bool(failed), "reward": float(success) + float(shaping), "refused": self.targets.refused,
+            "stale_holds": self.targets.stale_holds, "rtf": self.rtf, "payload_mass": float(m.body_subtreemass[arm.tool_body]),
         })
 
     def render_due(self) -> None:
@@ -200,9 +154,9 @@ class SimWorld:
                 if wall0 + (self.t - sim0) > time.monotonic():
                     continue
             else:
-                for msg in self.link.poll(0.0 if self.command_ready() else 0.05):
+                for msg in self.link.poll(0.0 if self.targets.ready(self.t, self.h) else 0.05):
                     self.handle(msg)
-                if not self.command_ready():
+                if not self.targets.ready(self.t, self.h):
                     if time.monotonic() - self._last_state_wall > 0.1:
                         self.publish_state()  # heartbeat while waiting: same stamp, new subscribers see the state
                     continue

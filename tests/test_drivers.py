@@ -13,10 +13,21 @@ import time
 
 import numpy as np
 import pytest
-
-from robot_rl.drivers.ft import (RDT_BIAS, RDT_RECORD, RDT_START, RDT_STOP, NetFT, Payload, RobotiqFT300,
-                                 crc16_modbus, fit_payload, ft300_frame, modbus_write_register)
+from robot_rl.drivers.ft import (
+    RDT_BIAS,
+    RDT_RECORD,
+    RDT_START,
+    RDT_STOP,
+    NetFT,
+    Payload,
+    RobotiqFT300,
+    crc16_modbus,
+    fit_payload,
+    ft300_frame,
+    modbus_write_register,
+)
 from robot_rl.drivers.safety import EStop, SafetyLimits, StreamWatchdog, check_target, clip_action
+
 from robot_rl.hardware import HardwareConfigError, load_hardware_config
 from robot_rl.launcher import LaunchError, parse, plan
 
@@ -122,8 +133,9 @@ def test_robotiq_ft300_over_a_pty_resyncs_and_rejects_bad_crc():
 
 # ---- payload -----------------------------------------------------------------------------------
 def test_payload_fit_recovers_the_sim_tool_mass_within_5_percent():
-    from robot_rl.geometry import apply_delta
     from robot_rl.sim.registry import make_env
+
+    from robot_rl.geometry import apply_delta
 
     env = make_env("reach")
     env.reset(seed=0)

@@ -20,7 +20,8 @@ def test_namespaced_imports_and_no_generic_top_level_names(tmp_path):
     for name in ("robot_rl.drivers", "robot_rl.sim", "robot_rl.policies", "robot_rl.spec"):
         importlib.import_module(name)
     # from outside the checkout (as an installed user sees it), no generic names leak
-    probe = "import importlib.util as u; print([n for n in ('drivers','policies','sim','datasets','hardware_configs','launch') if u.find_spec(n)])"
+    names = "('drivers', 'policies', 'sim', 'datasets', 'hardware_configs', 'launch')"
+    probe = f"import importlib.util as u; print([n for n in {names} if u.find_spec(n)])"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

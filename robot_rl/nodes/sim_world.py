@@ -35,7 +35,7 @@ def build(cfg, _rt_note, stop):
         sec_to_stamp(w.t, clock.clock)
         clock_pub.publish(clock)
         diag.maybe_publish({"sim_time": w.t, "real_time_factor": w.rtf, "episode": w.episode,
-                            "refused_targets": w.refused, "watchdog_holds": w.stale_holds, "holding": w.holding,
+                            "refused_targets": w.targets.refused, "watchdog_holds": w.targets.stale_holds, "holding": w.holding,
                             "mode": w.mode})
 
     return node, lambda: world.run(stop.is_set, on_tick)

@@ -1,0 +1,87 @@
+"""Absolute, time-stamped end-effector targets inside an arm backend's control loop: the queue, the
+re-check against the safety limits, the reference for the next control period and the command
+watchdog. Shared by `sim_world` (sim) and the Franka control process, so both execute a target
+stream the same way: a target is where the tool should be at its time; targets whose time has passed
+are superseded, never shifted; a stream older than two of its periods makes the arm hold.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from robot_rl.drivers.safety import SafetyLimits, StreamWatchdog, check_target
+from scipy.spatial.transform import Rotation
+
+from robot_rl.geometry import quat_to_rot, rot_to_quat
+
+
+@dataclass
+class Target:
+    stamp: float
+    pose: np.ndarray  # xyz + wxyz
+    gripper: float | None
+
+
+def interpolate(a: np.ndarray, b: np.ndarray, frac: float) -> np.ndarray:
+    """Pose a→b at fraction `frac` (linear in position, geodesic in rotation)."""
+    out = np.empty(7)
+    out[:3] = a[:3] + frac * (b[:3] - a[:3])
+    dr = (quat_to_rot(b[3:]) * quat_to_rot(a[3:]).inv()).as_rotvec()
+    out[3:] = rot_to_quat(Rotation.from_rotvec(frac * dr) * quat_to_rot(a[3:]))
+    return out
+
+
+class TargetQueue:
+    def __init__(self, limits: SafetyLimits, declared_period: float):
+        self.limits = limits
+        self.queue: deque[Target] = deque()
+        self.watchdog = StreamWatchdog(declared_period, limits.watchdog_periods)
+        self.refused = 0
+        self.stale_holds = 0
+
+    def clear(self) -> None:
+        self.queue.clear()
+
+    def add(self, now: float, stamp: float, pose, gripper: float | None, current: np.ndarray, min_dt: float) -> str:
+        """Queue a target after re-checking it; returns '' or why it was refused (the caller holds)."""
+        while self.queue and self.queue[-1].stamp >= stamp:  # a newer plan replaces the overlapping tail
+            self.queue.pop()
+        prev = self.queue[-1].pose if self.queue else current
+        dt = max(stamp - (self.queue[-1].stamp if self.queue else now), min_dt)
+        v = check_target(np.asarray(pose, dtype=np.float64), prev, dt, self.limits)
+        if not v.ok:
+            self.refused += 1
+            self.queue.clear()
+            return v.reason
+        self.watchdog.feed(now)
+        self.queue.append(Target(stamp, v.target, None if gripper is None else float(gripper)))
+        return ""
+
+    def reference(self, now: float, h: float, current: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Where the tool should be at now + h: the latest target whose time has come, else a point on
+        the way to the next one; `current` is the reference being tracked."""
+        te = now + h
+        ref, gripper = current, None
+        while self.queue and self.queue[0].stamp <= te + 1e-9:
+            tgt = self.queue.popleft()
+            ref = tgt.pose
+            gripper = tgt.gripper if tgt.gripper is not None else gripper
+        if self.queue and not np.array_equal(ref, self.queue[0].pose):
+            nxt = self.queue[0]
+            ref = interpolate(ref, nxt.pose, min(1.0, h / max(nxt.stamp - now, h)))
+        return ref, gripper
+
+    def stale(self, now: float) -> bool:
+        """The stream went silent for two of its periods (checked while a target stream is active)."""
+        if self.watchdog.last is not None and self.watchdog.stale(now):
+            self.stale_holds += 1
+            self.watchdog.reset()
+            self.queue.clear()
+            return True
+        return False
+
+    def ready(self, now: float, h: float) -> bool:
+        """Lock-step: a target at or beyond the end of this period has arrived."""
+        return bool(self.queue) and self.queue[-1].stamp >= now + h - 1e-9
