@@ -5,7 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := learning,metaworld,ros,dev
+EXTRAS := learning,metaworld,ros,franka,dev
+FRANKA_SIM := .venv-franka-sim
+FRANKA_STAMP := $(FRANKA_SIM)/.installed
 DEB_PACKAGES := libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libgles2 libosmesa6
 export MUJOCO_GL ?= egl
 PYTEST_ARGS ?=
@@ -15,7 +17,7 @@ PYTEST_ARGS ?=
 demo: setup
 	$(VENV)/bin/robot-rl demo
 
-test: setup
+test: setup $(FRANKA_STAMP)
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 setup: deb $(STAMP)
@@ -35,6 +37,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
+# franka-sim (a simulated Franka speaking the real FCI protocol) pins numpy 1.26 and mujoco < 3.3: own venv.
+# It reads the Panda MJCF shipped in gym-hil (FR3_MJCF, set by the tests).
+$(FRANKA_STAMP):
+	@test -x $(FRANKA_SIM)/bin/python || $(PYTHON) -m venv $(FRANKA_SIM) || python3 -m venv $(FRANKA_SIM)
+	$(FRANKA_SIM)/bin/python -m pip install -q franka-sim
+	$(FRANKA_SIM)/bin/python -m pip install -q --no-deps gym-hil
+	@touch $(FRANKA_STAMP)
+
 lint: setup
 	$(VENV)/bin/ruff check robot_rl sim drivers policies tests benchmarks
 
@@ -43,4 +53,4 @@ bench: setup
 	$(PY) benchmarks/make_results.py
 
 clean:
-	rm -rf $(VENV) outputs reports .pytest_cache
+	rm -rf $(VENV) $(FRANKA_SIM) outputs reports .pytest_cache

@@ -1,4 +1,4 @@
-"""Arm backends (`mujoco` now; `franka` via pylibfranka). An arm backend streams measured state and
+"""Arm backends (`mujoco` through sim_world; `franka` via pylibfranka in drivers/franka.py). An arm backend streams measured state and
 takes absolute, time-stamped end-effector targets; interpolation, reference limiting and the command
 watchdog run in the backend's own control loop (sim: inside sim_world's physics stepping).
 """
@@ -63,6 +63,17 @@ class MujocoArm:
         self.link.close()
 
 
-ARM_BACKENDS = {  # backend name -> opener(arm section of the hardware config, sim link directory)
-    "mujoco": lambda s, link_dir: MujocoArm(link_dir),
+def _open_franka(cfg, link_dir: Path):
+    from robot_rl.drivers.franka import FrankaArm, FrankaSettings
+
+    a = cfg.arm
+    return FrankaArm(FrankaSettings(
+        address=a.address, translational_stiffness=a.translational_stiffness, rotational_stiffness=a.rotational_stiffness,
+        damping_ratio=a.damping_ratio, max_pos_error=a.max_pos_error, max_rot_error=a.max_rot_error,
+        home_qpos=a.home_qpos, target_period=1.0 / cfg.rates.policy_hz), cfg.safety_limits())
+
+
+ARM_BACKENDS = {  # backend name -> opener(hardware config, sim link directory)
+    "mujoco": lambda cfg, link_dir: MujocoArm(link_dir),
+    "franka": _open_franka,
 }

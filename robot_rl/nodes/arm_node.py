@@ -5,6 +5,7 @@ and re-checks each against the safety limits (refused → hold the measured pose
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -37,7 +38,8 @@ def build(cfg, _rt_note, stop):
     node = Node("arm_node")
     p = declare(node, {"hardware_config": cfg.source, "sim.link": cfg.sim.link, **cfg.ros_params("arm_node")})
     limits = cfg.safety_limits()
-    arm = ARM_BACKENDS[p["arm.backend"]](cfg.arm, default_link_dir(p["sim.link"]))
+    cfg = dataclasses.replace(cfg, arm=dataclasses.replace(cfg.arm, backend=p["arm.backend"], address=p["arm.address"]))
+    arm = ARM_BACKENDS[cfg.arm.backend](cfg, default_link_dir(p["sim.link"]))
     lock = threading.Lock()
     estop = EStop()
     last = {"state": None, "target": None, "target_t": None}
@@ -125,6 +127,8 @@ def build(cfg, _rt_note, stop):
             pose_to_msg(s.ee_pose, pose.pose)
             pose_pub.publish(pose)
             meter.tick()
+            if s.error:
+                diag.error(f"arm: {s.error}; holding, call /arm/recover")
             diag.maybe_publish({"rate_hz": meter.rate(), "age_s": meter.age(), "estop": estop.engaged,
                                 "holding": s.holding, "backend": p["arm.backend"], **counts,
                                 "target_error_m": float(np.linalg.norm(s.target[:3] - s.ee_pose[:3]))},

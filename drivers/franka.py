@@ -1,0 +1,278 @@
+"""Franka arm backend over FCI (pylibfranka). A dedicated control process runs libfranka's 1 kHz
+torque loop — Cartesian impedance around a reference that follows the absolute, time-stamped target
+stream (drivers/targets.py), reference limiting, torque-rate limiting and the command watchdog — so no
+1 kHz loop shares a GIL with ROS callbacks. `arm_node` talks to it through a pipe (JSON bytes).
+
+Errors (reflexes, lost connection) stop the loop, are reported in the state (`error`) and cleared by
+`recover()` (libfranka's automatic error recovery, then the loop restarts holding the measured pose).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from robot_rl.drivers.arm import ArmState
+from robot_rl.drivers.safety import SafetyLimits
+from robot_rl.drivers.targets import TargetQueue
+from robot_rl.geometry import rot_to_quat
+from scipy.spatial.transform import Rotation
+
+STATE_PERIOD = 0.01  # state to the node at 100 Hz
+MAX_TORQUE_RATE = 1.0  # Nm per 1 ms cycle (libfranka's limitRate bound is 1000 Nm/s)
+
+
+@dataclass(frozen=True)
+class FrankaSettings:
+    address: str
+    translational_stiffness: float = 1000.0
+    rotational_stiffness: float = 60.0
+    damping_ratio: float = 1.0
+    nullspace_stiffness: float = 10.0
+    max_pos_error: float = 0.01
+    max_rot_error: float = 0.05
+    home_qpos: tuple[float, ...] = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
+    home_duration: float = 4.0
+    target_period: float = 0.1
+    realtime: bool = False  # RealtimeConfig.kEnforce needs a PREEMPT_RT kernel; kIgnore otherwise
+
+
+def _pose(o_t_ee) -> np.ndarray:
+    m = np.asarray(o_t_ee).reshape(4, 4).T  # column-major
+    return np.concatenate([m[:3, 3], rot_to_quat(Rotation.from_matrix(m[:3, :3]))])
+
+
+class _Controller:
+    """The control law and the target stream, inside the control process."""
+
+    def __init__(self, s: FrankaSettings, limits: SafetyLimits):
+        self.s = s
+        kt, kr = s.translational_stiffness, s.rotational_stiffness
+        self.K = np.diag([kt] * 3 + [kr] * 3)
+        self.D = 2.0 * s.damping_ratio * np.sqrt(self.K)
+        self.targets = TargetQueue(limits, s.target_period)
+        self.ref: np.ndarray | None = None
+        self.tau_prev = np.zeros(7)
+        self.home_from: np.ndarray | None = None
+        self.home_t0 = 0.0
+
+    def hold(self, pose: np.ndarray) -> None:
+        self.targets.clear()
+        self.ref = pose.copy()
+        self.home_from = None
+
+    def torque(self, state, model, now: float, dt: float) -> np.ndarray:
+        pose = _pose(state.O_T_EE)
+        q, dq = np.asarray(state.q), np.asarray(state.dq)
+        coriolis = np.asarray(model.coriolis(state))
+        if self.ref is None:
+            self.hold(pose)
+        if self.home_from is not None:  # joint-space minimum-jerk move to home_qpos
+            a = min(1.0, (now - self.home_t0) / self.s.home_duration)
+            blend = 10 * a**3 - 15 * a**4 + 6 * a**5
+            q_ref = self.home_from + blend * (np.asarray(self.s.home_qpos) - self.home_from)
+            tau = 300.0 * (q_ref - q) - 2.0 * np.sqrt(300.0) * dq + coriolis
+            if a >= 1.0 and np.linalg.norm(dq) < 0.01:
+                self.hold(pose)
+        else:
+            if self.targets.stale(now):
+                self.hold(pose)
+            self.ref, _ = self.targets.reference(now, dt, self.ref)
+            j = np.asarray(model.zero_jacobian(state)).reshape(7, 6).T
+            e = np.zeros(6)
+            e[:3] = self.ref[:3] - pose[:3]
+            e[3:] = (Rotation.from_quat(self.ref[3:], scalar_first=True)
+                     * Rotation.from_quat(pose[3:], scalar_first=True).inv()).as_rotvec()
+            # reference limiting: the spring never pulls from further than a few mm / hundredths of a rad
+            if (n := np.linalg.norm(e[:3])) > self.s.max_pos_error:
+                e[:3] *= self.s.max_pos_error / n
+            if (n := np.linalg.norm(e[3:])) > self.s.max_rot_error:
+                e[3:] *= self.s.max_rot_error / n
+            tau = j.T @ (self.K @ e - self.D @ (j @ dq)) + coriolis
+            j_pinv = np.linalg.pinv(j)
+            null = np.eye(7) - j.T @ j_pinv.T
+            k_ns = self.s.nullspace_stiffness
+            tau += null @ (k_ns * (np.asarray(self.s.home_qpos) - q) - 2.0 * np.sqrt(k_ns) * dq)
+        tau = self.tau_prev + np.clip(tau - self.tau_prev, -MAX_TORQUE_RATE, MAX_TORQUE_RATE)
+        self.tau_prev = tau
+        return tau
+
+
+def _control_process(settings: dict, limits: dict, conn) -> None:
+    """The 1 kHz loop. Messages in: target / hold / home / recover / stop. Out: state at 100 Hz."""
+    import pylibfranka as pf
+
+    s = FrankaSettings(**settings)
+    lim = SafetyLimits(**{k: tuple(v) if isinstance(v, list) else v for k, v in limits.items()})
+    ctl = _Controller(s, lim)
+    try:
+        robot = pf.Robot(s.address, pf.RealtimeConfig.kEnforce if s.realtime else pf.RealtimeConfig.kIgnore)
+        robot.set_collision_behavior([40.0] * 7, [80.0] * 7, [40.0] * 6, [80.0] * 6)
+        model = robot.load_model()
+    except Exception as e:  # noqa: BLE001 - any connection failure is reported to the node, one line
+        conn.send_bytes(json.dumps({"op": "fatal", "error": f"franka: cannot connect to {s.address}: {e}"}).encode())
+        return
+    error, running, last_state = "", True, 0.0
+    while running:
+        ctrl = None
+        try:
+            if not error:
+                ctrl = robot.start_torque_control()
+            while running:
+                if ctrl is not None:
+                    state, period = ctrl.readOnce()
+                    dt = max(period.to_sec(), 1e-3)
+                else:  # in error: keep reporting the measured state until recovered
+                    state, dt = robot.read_once(), 0.01
+                    time.sleep(0.01)
+                now = time.time()
+                while conn.poll():
+                    msg = json.loads(conn.recv_bytes())
+                    op = msg.get("op")
+                    if op == "target" and ctrl is not None:
+                        reason = ctl.targets.add(now, msg["stamp"], msg["pose"], msg.get("gripper"),
+                                                 ctl.ref if ctl.ref is not None else _pose(state.O_T_EE), 1e-3)
+                        if reason:
+                            ctl.hold(_pose(state.O_T_EE))
+                            conn.send_bytes(json.dumps({"op": "refused", "reason": reason}).encode())
+                    elif op == "hold":
+                        ctl.hold(_pose(state.O_T_EE))
+                    elif op == "home" and ctrl is not None:
+                        ctl.targets.clear()
+                        ctl.home_from, ctl.home_t0 = np.asarray(state.q), now
+                    elif op == "recover" and error:
+                        robot.automatic_error_recovery()
+                        error = ""
+                        ctl.hold(_pose(state.O_T_EE))
+                        ctl.tau_prev = np.zeros(7)
+                        raise _Restart
+                    elif op == "stop":
+                        running = False
+                if ctrl is not None and running:
+                    ctrl.writeOnce(pf.Torques(ctl.torque(state, model, now, dt).tolist()))
+                if now - last_state >= STATE_PERIOD:
+                    last_state = now
+                    conn.send_bytes(json.dumps({
+                        "op": "state", "t": now, "q": list(state.q), "dq": list(state.dq),
+                        "ee": _pose(state.O_T_EE).tolist(), "target": (ctl.ref if ctl.ref is not None
+                                                                       else _pose(state.O_T_EE)).tolist(),
+                        "holding": not ctl.targets.queue, "error": error,
+                        "refused": ctl.targets.refused, "stale_holds": ctl.targets.stale_holds}).encode())
+        except _Restart:
+            continue
+        except (pf.ControlException, pf.CommandException, pf.NetworkException, pf.FrankaException) as e:
+            error = str(e).splitlines()[0]
+            ctl.ref = None
+        except (BrokenPipeError, EOFError):
+            running = False
+        finally:
+            del ctrl  # libfranka allows one active control at a time
+    try:
+        robot.stop()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+class _Restart(Exception):
+    pass
+
+
+class FrankaArm:
+    """Arm backend for `arm_node`: the control process plus a non-blocking gripper worker."""
+
+    def __init__(self, settings: FrankaSettings, limits: SafetyLimits, timeout: float = 0.5, gripper: bool = True):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_control_process, args=(asdict(settings), asdict(limits), child), daemon=True,
+                                name="franka-control")
+        self.proc.start()
+        child.close()
+        self.timeout = timeout
+        self.refusals: list[str] = []
+        self.error = ""
+        self._gripper_cmd: float | None = None
+        self._gripper_event = threading.Event()
+        self._gripper_width = 0.0
+        self._gripper_thread = None
+        if gripper:
+            self._gripper_thread = threading.Thread(target=self._gripper_worker, args=(settings.address,), daemon=True)
+            self._gripper_thread.start()
+
+    def _gripper_worker(self, address: str) -> None:
+        """Blocking gripper moves off the caller's thread; the newest command wins."""
+        import pylibfranka as pf
+
+        try:
+            g = pf.Gripper(address)
+            max_width = g.read_once().max_width
+        except Exception as e:  # noqa: BLE001 - no gripper: reported, the arm still works
+            self.error = self.error or f"franka gripper: {e}"
+            return
+        while True:
+            self._gripper_event.wait()
+            self._gripper_event.clear()
+            cmd = self._gripper_cmd
+            if cmd is None:
+                return
+            try:
+                g.move(float(max_width * (1.0 - (cmd + 1.0) / 2.0)), 0.1)  # -1 open .. +1 closed
+                self._gripper_width = g.read_once().width
+            except Exception as e:  # noqa: BLE001 - a failed grasp is not fatal
+                self.error = f"franka gripper: {e}"
+
+    def _send(self, msg: dict) -> None:
+        try:
+            self.conn.send_bytes(json.dumps(msg).encode())
+        except (BrokenPipeError, OSError):
+            raise ConnectionError("franka: the control process has exited") from None
+
+    def read(self) -> ArmState | None:
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0 and self.conn.poll(left):
+            msg = json.loads(self.conn.recv_bytes())
+            if msg["op"] == "fatal":
+                raise ConnectionError(msg["error"])
+            if msg["op"] == "refused":
+                self.refusals.append(msg["reason"])
+                continue
+            self.error = msg["error"]
+            return ArmState(msg["t"], np.asarray(msg["q"]), np.asarray(msg["dq"]), np.asarray(msg["ee"]),
+                            float(self._gripper_width), np.asarray(msg["target"]), msg["holding"], msg["error"])
+        if not self.proc.is_alive():
+            raise ConnectionError("franka: the control process has exited")
+        return None
+
+    def command(self, stamp: float, pose: np.ndarray, gripper: float | None) -> None:
+        self._send({"op": "target", "stamp": float(stamp), "pose": [float(v) for v in pose]})
+        if gripper is not None and gripper != self._gripper_cmd:
+            self._gripper_cmd = float(gripper)
+            self._gripper_event.set()
+
+    def hold(self) -> None:
+        self._send({"op": "hold"})
+
+    def home(self) -> None:
+        self._send({"op": "home"})
+
+    def recover(self) -> str:
+        was = self.error
+        self._send({"op": "recover"})
+        return f"recovering from: {was}" if was else "no error to recover from"
+
+    def close(self) -> None:
+        if self._gripper_thread is not None:
+            self._gripper_cmd = None
+            self._gripper_event.set()
+        try:
+            self._send({"op": "stop"})
+        except ConnectionError:
+            pass
+        self.proc.join(timeout=3.0)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=2.0)
+        self.conn.close()

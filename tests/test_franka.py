@@ -1,0 +1,116 @@
+"""The `franka` arm backend over the real FCI protocol against `franka-sim` (its own venv, FR3_MJCF
+pointing at the Panda MJCF shipped in gym-hil): connect, read state, hold, move under impedance
+control, fault and recover, disconnect."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robot_rl.drivers.franka import FrankaArm, FrankaSettings
+from robot_rl.drivers.safety import SafetyLimits
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv-franka-sim"
+
+
+@pytest.fixture
+def franka_sim(tmp_path):
+    server = VENV / "bin" / "run-franka-sim-server"
+    if not server.exists():
+        pytest.fail(f"{server} is missing: `make test` creates the franka-sim venv (make franka-sim)")
+    mjcf = next((VENV / "lib").glob("python3*/site-packages/gym_hil/assets/panda.xml"))
+    log = open(tmp_path / "franka_sim.log", "w")
+    proc = subprocess.Popen([str(server), "--enforce-comm-constraints"], env={**os.environ, "FR3_MJCF": str(mjcf)},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while "Server ready" not in (tmp_path / "franka_sim.log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "franka_sim.log").read_text()[-2000:]
+        time.sleep(0.1)
+    try:
+        yield tmp_path / "franka_sim.log"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _latest(arm: FrankaArm, timeout: float = 2.0):
+    """The newest state: wait for one, then drain what is queued."""
+    s = None
+    deadline = time.monotonic() + timeout
+    while s is None and time.monotonic() < deadline:
+        s = arm.read()
+    while arm.conn.poll():
+        s = arm.read() or s
+    assert s is not None, "no state from the control process"
+    return s
+
+
+def _stream(arm: FrankaArm, pose: np.ndarray, seconds: float) -> None:
+    """Targets at 20 Hz, as the executor sends them (a silent stream makes the arm hold)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        arm.command(time.time() + 0.15, pose, None)
+        time.sleep(0.05)
+        _latest(arm)
+
+
+def test_franka_backend_against_franka_sim(franka_sim):
+    limits = SafetyLimits(workspace_low=(0.2, -0.4, 0.2), workspace_high=(0.8, 0.4, 0.9), max_tilt_rad=1.0)
+    arm = FrankaArm(FrankaSettings("127.0.0.1", translational_stiffness=800.0, rotational_stiffness=40.0,
+                                   max_pos_error=0.02, max_rot_error=0.1,
+                                   home_qpos=(0.0, 0.0, 0.0, -1.5708, 0.0, 1.5708, 0.785)), limits, gripper=False)
+    try:
+        s0 = _latest(arm, 10.0)
+        assert s0.joint_pos.shape == (7,) and not s0.error
+        assert 0.3 < s0.ee_pose[0] < 0.8 and abs(np.linalg.norm(s0.ee_pose[3:]) - 1) < 1e-6
+
+        time.sleep(1.0)  # hold: no target, the impedance keeps the pose
+        s1 = _latest(arm)
+        assert np.linalg.norm(s1.ee_pose[:3] - s0.ee_pose[:3]) < 0.002, "drifted while holding"
+
+        goal = s1.ee_pose.copy()
+        goal[:3] += [0.05, 0.03, -0.05]
+        _stream(arm, goal, 3.0)
+        s2 = _latest(arm)
+        assert np.linalg.norm(s2.ee_pose[:3] - goal[:3]) < 0.003, f"did not reach {goal[:3]}: {s2.ee_pose[:3]}"
+
+        # a target outside the workspace is refused by the control process itself; the arm holds
+        bad = goal.copy()
+        bad[2] = 1.5
+        arm.command(time.time() + 0.2, bad, None)
+        time.sleep(0.5)
+        s3 = _latest(arm)
+        assert arm.refusals and "outside the workspace" in arm.refusals[-1]
+        assert np.linalg.norm(s3.ee_pose[:3] - s2.ee_pose[:3]) < 0.003
+
+        # a host hiccup (the control process stalls 300 ms) trips the communication reflex
+        os.kill(arm.proc.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        os.kill(arm.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while not (s := _latest(arm)).error and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "communication_constraints_violation" in s.error, s.error
+        assert "recovering from" in arm.recover()
+        deadline = time.monotonic() + 5
+        while (s := _latest(arm)).error and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not s.error, "recovery did not clear the error"
+        back = s.ee_pose.copy()
+        back[:3] -= [0.03, 0.0, -0.03]
+        _stream(arm, back, 3.0)
+        assert np.linalg.norm(_latest(arm).ee_pose[:3] - back[:3]) < 0.003, "no control after recovery"
+    finally:
+        arm.close()
+    assert arm.proc.exitcode == 0, "control process did not stop cleanly"
