@@ -9,10 +9,21 @@ HERE = Path(__file__).resolve().parent
 META = ("benchmark", "command", "commit", "date", "machine")
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested figures ({"naive": {"p99_ms": ...}}) become dotted keys, one table row per group."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def section(rec: dict) -> list[str]:
     lines = [f"## {rec['benchmark']}", "",
              f"`{rec['command']}` — commit {rec.get('commit') or '?'}, {rec.get('date')}, {rec.get('machine')}", ""]
-    figures = {k: v for k, v in rec.items() if k not in META}
+    figures = _flatten({k: v for k, v in rec.items() if k not in META})
     groups: dict[str, dict[str, object]] = {}
     for k, v in figures.items():
         g, _, f = k.rpartition(".")

@@ -153,9 +153,9 @@ def run_mode(mode: str, seconds: float, domain: int, work: Path) -> dict:
     lat = np.array(lat)
     wall = (t_cams_stopped - t_start) / 1e9
     return {
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-        "max_ms": float(lat.max()) if len(lat) else None,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+        "max_ms": round(float(lat.max()), 2) if len(lat) else None,
         "dropped": dropped, "window_frames": window_frames, "published": n_pub, "received": received,
         "fps_per_camera": round(n_pub / len(CAMERAS) / max(wall - 3.0, 1e-9), 1),
         "shape": res[CAMERAS[0]]["shape"],

@@ -1,6 +1,7 @@
-"""Arm backends (`mujoco` through sim_world; `franka` via pylibfranka in drivers/franka.py). An arm backend streams measured state and
-takes absolute, time-stamped end-effector targets; interpolation, reference limiting and the command
-watchdog run in the backend's own control loop (sim: inside sim_world's physics stepping).
+"""Arm backends: `mujoco` (through sim_world) and `franka` (pylibfranka, drivers/franka.py). A backend
+streams measured state and takes absolute, time-stamped end-effector targets; interpolation, reference
+limiting and the command watchdog run in the backend's own control loop (sim: sim_world's stepping;
+Franka: its 1 kHz control process).
 """
 
 from __future__ import annotations

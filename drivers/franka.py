@@ -19,8 +19,9 @@ import numpy as np
 from robot_rl.drivers.arm import ArmState
 from robot_rl.drivers.safety import SafetyLimits
 from robot_rl.drivers.targets import TargetQueue
-from robot_rl.geometry import rot_to_quat
 from scipy.spatial.transform import Rotation
+
+from robot_rl.geometry import rot_to_quat
 
 STATE_PERIOD = 0.01  # state to the node at 100 Hz
 MAX_TORQUE_RATE = 1.0  # Nm per 1 ms cycle (libfranka's limitRate bound is 1000 Nm/s)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from robot_rl.drivers.franka import FrankaArm, FrankaSettings
 from robot_rl.drivers.safety import SafetyLimits
 

@@ -3,7 +3,10 @@ subprocess (six node processes over Fast DDS), probed from this process on its o
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +105,15 @@ def test_sim_bringup_topics_targets_safety_and_shutdown(tmp_path):
             assert (pol.height, pol.width) == (84, 84)
             info = probe.latest("/front/camera_info")
             assert info.width == 640 and info.k[0] > 100
+
+            # the policy-resolution stream crosses machines: a UDP-only participant (no shared memory) gets it
+            udp = subprocess.run(
+                [sys.executable, str(ROOT / "tests" / "helpers" / "udp_subscriber.py"), "4", "/front/image_policy",
+                 "/joint_states"], capture_output=True, text=True, timeout=60,
+                env={**ros_env(domain), "FASTDDS_DEFAULT_PROFILES_FILE": str(ROOT / "tests" / "helpers" / "fastdds_udp_only.xml")})
+            got = json.loads(udp.stdout.strip().splitlines()[-1])
+            assert got["/front/image_policy"]["count"] >= 30 and got["/front/image_policy"]["last"] == [84, 84, 84 * 84 * 3]
+            assert got["/joint_states"]["count"] >= 100
 
             # F/T: the software bias zeroes the still tool's reading
             bias = probe.call(Trigger, "/ft/bias", Trigger.Request())

@@ -9,7 +9,7 @@ import json
 import threading
 
 from robot_rl.drivers.sim_link import LinkClient, LinkError, default_link_dir
-from robot_rl.nodes.common import declare, qos, run_node
+from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node
 
 STATES = ("idle", "ready", "running", "stopped")
 
@@ -26,6 +26,7 @@ def build(cfg, _rt_note, stop):
     lock = threading.Lock()
     done = threading.Event()
     ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "t": 0.0}
+    diag, meter = Diagnostics(node), RateMeter()
     state_pub = node.create_publisher(String, "/episode/state", qos("latched"))
     reward_pub = node.create_publisher(Float32, "/episode/reward", qos("state"))
 
@@ -86,9 +87,13 @@ def build(cfg, _rt_note, stop):
     def loop() -> None:
         while not stop.is_set():
             msg = link.recv(0.2)
+            diag.maybe_publish({"episode": ep["episode"], "state": ep["state"], "sim_rate_hz": meter.rate(),
+                                "age_s": meter.age()})
             if msg is not None and msg.get("op") == "reset_done":
                 ep["t"] = msg["t"]
                 done.set()
+            if msg is not None and msg.get("op") == "state":
+                meter.tick()
             if msg is None or msg.get("op") != "state" or ep["state"] != "running":
                 continue  # (a reset holds the lock while it waits for reset_done: never block here then)
             with lock:
