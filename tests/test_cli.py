@@ -48,6 +48,9 @@ def test_bad_input_is_one_line_not_a_traceback():
         (["sim", "rollout", "task=gym_hil/PandaPickCubeBase-v0"], "no scripted expert"),
         (["sim", "fly"], "needs one of"),
         (["teleport"], "unknown verb"),
+        (["launch", "sim_bringupp"], "launch file 'sim_bringupp' not found"),
+        (["launch", "sim_bringup", "mode=lockstep"], "is not name:=value"),
+        (["launch", "sim_bringup", "speed:=3"], "unknown launch argument(s) ['speed']"),
     ]
     for args, words in cases:
         r = run(*args)
@@ -62,11 +65,16 @@ def test_readme_commands_run(tmp_path):
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    cmds = [ln.strip().split()[1:] for ln in readme.splitlines() if ln.strip().startswith(".venv/bin/robot-rl ")]
+    cmds = [ln.split("#")[0].split()[1:] for ln in readme.splitlines() if ln.strip().startswith(".venv/bin/robot-rl ")]
     assert len(cmds) >= 4
     shrink = [(r"^episodes=\d+$", "episodes=2"), (r"^train\.steps=\d+$", "train.steps=20"),
               (r"^distill\.steps=\d+$", "distill.steps=5")]
     for args in cmds:
+        if args[0] == "launch":  # runs until stopped: the file and its arguments must resolve (run in test_ros_bringup)
+            from robot_rl.launcher import launch_path, plan
+
+            plan(launch_path(args[1]), dict(a.split(":=", 1) for a in args[2:]))
+            continue
         for pattern, small in shrink:
             args = [re.sub(pattern, small, a) for a in args]
         if args[:2] == ["sim", "rollout"] or args[0] == "eval":
