@@ -107,10 +107,11 @@ def test_sim_bringup_topics_targets_safety_and_shutdown(tmp_path):
             assert info.width == 640 and info.k[0] > 100
 
             # the policy-resolution stream crosses machines: a UDP-only participant (no shared memory) gets it
+            helpers = ROOT / "tests" / "helpers"
             udp = subprocess.run(
-                [sys.executable, str(ROOT / "tests" / "helpers" / "udp_subscriber.py"), "4", "/front/image_policy",
-                 "/joint_states"], capture_output=True, text=True, timeout=60,
-                env={**ros_env(domain), "FASTDDS_DEFAULT_PROFILES_FILE": str(ROOT / "tests" / "helpers" / "fastdds_udp_only.xml")})
+                [sys.executable, str(helpers / "udp_subscriber.py"), "4", "/front/image_policy", "/joint_states"],
+                capture_output=True, text=True, timeout=60,
+                env={**ros_env(domain), "FASTDDS_DEFAULT_PROFILES_FILE": str(helpers / "fastdds_udp_only.xml")})
             got = json.loads(udp.stdout.strip().splitlines()[-1])
             assert got["/front/image_policy"]["count"] >= 30 and got["/front/image_policy"]["last"] == [84, 84, 84 * 84 * 3]
             assert got["/joint_states"]["count"] >= 100
