@@ -12,7 +12,7 @@ DEB_PACKAGES := libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libgles2 libosmesa6
 export MUJOCO_GL ?= egl
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup deb lint bench clean
+.PHONY: demo test setup deb lint bench clean franka-sim
 
 demo: setup
 	$(VENV)/bin/robot-rl demo
@@ -39,6 +39,8 @@ $(STAMP): pyproject.toml
 
 # franka-sim (a simulated Franka speaking the real FCI protocol) pins numpy 1.26 and mujoco < 3.3: own venv.
 # It reads the Panda MJCF shipped in gym-hil (FR3_MJCF, set by the tests).
+franka-sim: $(FRANKA_STAMP)
+
 $(FRANKA_STAMP):
 	@test -x $(FRANKA_SIM)/bin/python || $(PYTHON) -m venv $(FRANKA_SIM) || python3 -m venv $(FRANKA_SIM)
 	$(FRANKA_SIM)/bin/python -m pip install -q franka-sim

@@ -168,6 +168,7 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
         except (pf.ControlException, pf.CommandException, pf.NetworkException, pf.FrankaException) as e:
             error = str(e).splitlines()[0]
             ctl.ref = None
+            time.sleep(0.05)  # a lost connection keeps failing: report it at 20 Hz, do not spin
         except (BrokenPipeError, EOFError):
             running = False
         finally:

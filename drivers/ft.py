@@ -286,6 +286,7 @@ class MujocoFT:
 
 FT_BACKENDS = {  # backend name -> opener(ft section of the hardware config, sim link directory)
     "mujoco": lambda s, link_dir: MujocoFT(link_dir),
-    "netft": lambda s, link_dir: NetFT(s.address, s.counts_per_force, s.counts_per_torque),
+    "netft": lambda s, link_dir: NetFT(s.address.partition(":")[0], s.counts_per_force, s.counts_per_torque,
+                                       int(s.address.partition(":")[2] or RDT_PORT)),
     "robotiq_ft300": lambda s, link_dir: RobotiqFT300(s.address),
 }

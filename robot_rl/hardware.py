@@ -79,7 +79,7 @@ class CameraSection:
 @dataclass(frozen=True)
 class FTSection:
     backend: str = "mujoco"  # mujoco | netft | robotiq_ft300
-    address: str = ""  # netft: host; robotiq_ft300: serial port
+    address: str = ""  # netft: host[:port]; robotiq_ft300: serial port
     counts_per_force: float = 1_000_000.0
     counts_per_torque: float = 1_000_000.0
     rate_hz: float = 100.0

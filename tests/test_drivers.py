@@ -264,3 +264,29 @@ def test_xml_and_yaml_frontends_give_the_same_plan(tmp_path):
     ros_args = a[0].cmd[a[0].cmd.index("--ros-args"):]
     assert ros_args == ["--ros-args", "-r", "__node:=arm", "-r", "__ns:=/r1", "-p", "hardware_config:=franka_panda",
                         "-r", "/arm/target:=/r1/target"]
+
+
+# ---- cameras ------------------------------------------------------------------------------------------
+def test_opencv_camera_on_a_video_file_paces_loops_and_fills_the_buffer(tmp_path):
+    import cv2
+    from robot_rl.drivers.camera import OpenCVCamera
+
+    path = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (320, 240))
+    for k in range(6):
+        frame = np.zeros((240, 320, 3), np.uint8)
+        frame[..., 2] = 40 * k  # red grows (OpenCV frames are BGR)
+        writer.write(frame)
+    writer.release()
+    cam = OpenCVCamera("front", path, width=160, height=120, rate_hz=50.0, fovy_deg=60.0)
+    out = np.empty((120, 160, 3), np.uint8)
+    t0 = time.monotonic()
+    stamps = [cam.read_into(out) for _ in range(9)]  # 6 frames, then it loops
+    elapsed = time.monotonic() - t0
+    assert all(s is not None for s in stamps) and np.all(np.diff(stamps) > 0)
+    assert elapsed == pytest.approx(8 / 50.0, abs=0.06), "a file plays at the configured rate"
+    assert out[..., 0].mean() == pytest.approx(80, abs=8) and out[..., 2].mean() < 8  # frame 2 again, as RGB
+    assert cam.intrinsics[2] == pytest.approx(79.5)
+    cam.close()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OpenCVCamera("front", str(tmp_path / "missing.mp4"), width=160, height=120)

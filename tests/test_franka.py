@@ -6,41 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 from robot_rl.drivers.franka import FrankaArm, FrankaSettings
 from robot_rl.drivers.safety import SafetyLimits
-
-ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / ".venv-franka-sim"
-
-
-@pytest.fixture
-def franka_sim(tmp_path):
-    server = VENV / "bin" / "run-franka-sim-server"
-    if not server.exists():
-        pytest.fail(f"{server} is missing: `make test` creates the franka-sim venv (make franka-sim)")
-    mjcf = next((VENV / "lib").glob("python3*/site-packages/gym_hil/assets/panda.xml"))
-    log = open(tmp_path / "franka_sim.log", "w")
-    proc = subprocess.Popen([str(server), "--enforce-comm-constraints"], env={**os.environ, "FR3_MJCF": str(mjcf)},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while "Server ready" not in (tmp_path / "franka_sim.log").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "franka_sim.log").read_text()[-2000:]
-        time.sleep(0.1)
-    try:
-        yield tmp_path / "franka_sim.log"
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _latest(arm: FrankaArm, timeout: float = 2.0):

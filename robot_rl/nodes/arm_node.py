@@ -95,13 +95,13 @@ def build(cfg, _rt_note, stop):
             return resp
         return cb
 
-    node.create_subscription(MultiDOFJointTrajectory, "/arm/target", on_target, qos("command"))
-    node.create_subscription(Bool, "/estop", on_estop, qos("latched"))
-    node.create_service(Trigger, "/arm/home", trigger(arm.home))
-    node.create_service(Trigger, "/arm/hold", trigger(arm.hold))
-    node.create_service(Trigger, "/arm/recover", trigger(arm.recover))
-    js_pub = node.create_publisher(JointState, "/joint_states", qos("state"))
-    pose_pub = node.create_publisher(PoseStamped, "/arm/ee_pose", qos("state"))
+    node.create_subscription(MultiDOFJointTrajectory, "arm/target", on_target, qos("command"))
+    node.create_subscription(Bool, "estop", on_estop, qos("latched"))
+    node.create_service(Trigger, "arm/home", trigger(arm.home))
+    node.create_service(Trigger, "arm/hold", trigger(arm.hold))
+    node.create_service(Trigger, "arm/recover", trigger(arm.recover))
+    js_pub = node.create_publisher(JointState, "joint_states", qos("state"))
+    pose_pub = node.create_publisher(PoseStamped, "arm/ee_pose", qos("state"))
     js = JointState(name=[*ARM_JOINTS, "gripper"])
     pose = PoseStamped()
     pose.header.frame_id = "base"

@@ -32,9 +32,9 @@ def build(cfg, rt_note, stop):
                   width=c["width"], height=c["height"], rate_hz=c["rate_hz"], fovy_deg=c["fovy_deg"])
     w, h, pw, ph = cam.width, cam.height, c["policy_width"], c["policy_height"]
     frame_id = f"{name}_optical_frame"
-    raw_pub = node.create_publisher(Image, f"/{name}/image_raw", qos("image"))
-    pol_pub = node.create_publisher(Image, f"/{name}/image_policy", qos("image"))
-    info_pub = node.create_publisher(CameraInfo, f"/{name}/camera_info", qos("state"))
+    raw_pub = node.create_publisher(Image, f"{name}/image_raw", qos("image"))
+    pol_pub = node.create_publisher(Image, f"{name}/image_policy", qos("image"))
+    info_pub = node.create_publisher(CameraInfo, f"{name}/camera_info", qos("state"))
     enc = ImageEncoder(frame_id, h, w)
     info = CameraInfo(width=w, height=h, distortion_model="plumb_bob", d=[0.0] * 5)
     info.header.frame_id = frame_id

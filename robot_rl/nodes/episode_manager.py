@@ -22,13 +22,13 @@ def build(cfg, _rt_note, stop):
     node = Node("episode_manager")
     p = declare(node, {"hardware_config": cfg.source, "seed": cfg.sim.seed, **cfg.ros_params("episode_manager")})
     link = LinkClient(default_link_dir(p["sim.link"]), "episode", ["state"]) if cfg.is_sim else None
-    home = None if cfg.is_sim else node.create_client(Trigger, "/arm/home")
+    home = None if cfg.is_sim else node.create_client(Trigger, "arm/home")
     lock = threading.Lock()
     done = threading.Event()
     ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "t": 0.0}
     diag, meter = Diagnostics(node), RateMeter()
-    state_pub = node.create_publisher(String, "/episode/state", qos("latched"))
-    reward_pub = node.create_publisher(Float32, "/episode/reward", qos("state"))
+    state_pub = node.create_publisher(String, "episode/state", qos("latched"))
+    reward_pub = node.create_publisher(Float32, "episode/reward", qos("state"))
 
     def announce() -> None:
         state_pub.publish(String(data=json.dumps(ep)))
@@ -76,10 +76,10 @@ def build(cfg, _rt_note, stop):
             return resp
         return cb
 
-    node.create_service(Trigger, "/episode/reset", srv(lambda _r: reset()))
-    node.create_service(Trigger, "/episode/start", srv(lambda _r: start()))
-    node.create_service(SetBool, "/episode/stop", srv(lambda r: finish("success" if r.data else "failure")))
-    node.create_service(Trigger, "/episode/abort", srv(lambda _r: finish("abort")))
+    node.create_service(Trigger, "episode/reset", srv(lambda _r: reset()))
+    node.create_service(Trigger, "episode/start", srv(lambda _r: start()))
+    node.create_service(SetBool, "episode/stop", srv(lambda r: finish("success" if r.data else "failure")))
+    node.create_service(Trigger, "episode/abort", srv(lambda _r: finish("abort")))
     announce()
     if link is not None:
         node.close = link.close

@@ -35,15 +35,15 @@ def build(cfg, _rt_note, stop):
     recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=STILL_WINDOW)
     poses: list[tuple[np.ndarray, np.ndarray]] = []
     ee_rot: list[np.ndarray | None] = [None]
-    pub = node.create_publisher(WrenchStamped, "/ft/wrench", qos("state"))
-    raw_pub = node.create_publisher(WrenchStamped, "/ft/wrench_raw", qos("state"))
+    pub = node.create_publisher(WrenchStamped, "ft/wrench", qos("state"))
+    raw_pub = node.create_publisher(WrenchStamped, "ft/wrench_raw", qos("state"))
     diag, meter = Diagnostics(node), RateMeter()
     period = 1.0 / min(p["ft.rate_hz"], 100.0)
 
     def on_pose(msg) -> None:
         ee_rot[0] = (quat_to_rot(msg_to_pose(msg.pose)[3:]) * sensor_in_ee).as_matrix()
 
-    node.create_subscription(PoseStamped, "/arm/ee_pose", on_pose, qos("state"))
+    node.create_subscription(PoseStamped, "arm/ee_pose", on_pose, qos("state"))
 
     def still() -> tuple[np.ndarray, np.ndarray]:
         with lock:
@@ -78,9 +78,9 @@ def build(cfg, _rt_note, stop):
         poses.clear()
         return f"mass={payload.mass:.4f} com={np.round(payload.com, 4).tolist()}"
 
-    node.create_service(Trigger, "/ft/bias", service(bias))
-    node.create_service(Trigger, "/ft/record_pose", service(record_pose))
-    node.create_service(Trigger, "/ft/fit_payload", service(fit))
+    node.create_service(Trigger, "ft/bias", service(bias))
+    node.create_service(Trigger, "ft/record_pose", service(record_pose))
+    node.create_service(Trigger, "ft/fit_payload", service(fit))
     node.close = sensor.close
 
     def publish(publisher, stamp: float, w: np.ndarray) -> None:
