@@ -21,7 +21,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -192,7 +191,6 @@ def plan(path: Path, cli_args: dict[str, str]) -> list[Process]:
         raise LaunchError(f"{src}: unknown launch argument(s) {sorted(unknown)}; arguments: {declared}")
     env = dict(os.environ)
     procs: list[Process] = []
-    tmp = Path(tempfile.mkdtemp(prefix="robot_rl_launch_"))
     for e in root.children:
         a = {k: substitute(v, variables, src) for k, v in e.attrs.items()}
         if e.tag == "arg":
@@ -218,13 +216,13 @@ def plan(path: Path, cli_args: dict[str, str]) -> list[Process]:
             else:
                 cmd = resolve_exec(a["pkg"], a["exec"], src) + shlex.split(a.get("args", ""))
                 name = a.get("name", a["exec"])
-                cmd += _ros_args(e, a, variables, src, tmp / f"{len(procs)}_{name}.yaml")
+                cmd += _ros_args(e, a, variables, src)
             procs.append(Process(name, cmd, penv, a.get("on_exit") == "shutdown", a.get("output", "screen"),
                                  a.get("cwd")))
     return procs
 
 
-def _ros_args(e: Entity, a: dict[str, str], variables: dict[str, str], src: str, params_file: Path) -> list[str]:
+def _ros_args(e: Entity, a: dict[str, str], variables: dict[str, str], src: str) -> list[str]:
     out = ["--ros-args"]
     if "name" in a:
         out += ["-r", f"__node:={a['name']}"]
