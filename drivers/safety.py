@@ -23,7 +23,7 @@ class SafetyLimits:
     workspace_low: tuple[float, float, float] = (0.25, -0.35, 0.0)
     workspace_high: tuple[float, float, float] = (0.75, 0.35, 0.55)
     nominal_quat: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 0.0)  # wxyz, tool pointing down
-    max_tilt_rad: float = 0.8  # rotation limit: angle from the nominal orientation
+    max_tilt_rad: float = 0.8  # rotation limit: angle between the tool axis and the nominal tool axis
     max_speed: float = 0.25  # m/s: per-step translation limit = max_speed * dt
     max_angular_speed: float = 1.5  # rad/s
     action_clip: tuple[float, ...] = (1.0,) * 7  # per-axis |a| bound on normalised delta actions
@@ -67,9 +67,10 @@ def check_target(target: np.ndarray, previous: np.ndarray, dt: float, limits: Sa
         return Verdict(False, None, f"target position {np.round(t[:3], 3).tolist()} is outside the workspace "
                                     f"{list(lo)}..{list(hi)}")
     rot = quat_to_rot(t[3:])
-    tilt = (rot * quat_to_rot(np.asarray(limits.nominal_quat)).inv()).magnitude()
+    tool_z, nominal_z = rot.as_matrix()[:, 2], quat_to_rot(np.asarray(limits.nominal_quat)).as_matrix()[:, 2]
+    tilt = float(np.arccos(np.clip(tool_z @ nominal_z, -1.0, 1.0)))  # yaw about the tool axis is free
     if tilt > limits.max_tilt_rad:
-        return Verdict(False, None, f"target orientation is {np.degrees(tilt):.0f} deg from nominal "
+        return Verdict(False, None, f"target tool axis is tilted {np.degrees(tilt):.0f} deg from nominal "
                                     f"(limit {np.degrees(limits.max_tilt_rad):.0f})")
     dt = max(float(dt), 1e-3)
     out, limited = t.copy(), False

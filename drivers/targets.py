@@ -22,6 +22,7 @@ class Target:
     stamp: float
     pose: np.ndarray  # xyz + wxyz
     gripper: float | None
+    started: bool = False  # the arm has begun moving towards it (its gripper command is out)
 
 
 def interpolate(a: np.ndarray, b: np.ndarray, frac: float) -> np.ndarray:
@@ -59,19 +60,27 @@ class TargetQueue:
         self.queue.append(Target(stamp, v.target, None if gripper is None else float(gripper)))
         return ""
 
-    def reference(self, now: float, h: float, current: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Where the tool should be at now + h: the latest target whose time has come, else a point on
-        the way to the next one; `current` is the reference being tracked."""
+    def reference(self, now: float, h: float, current: np.ndarray) -> tuple[np.ndarray, float | None, bool]:
+        """(reference at now + h, gripper command to issue now or None, whether a target's time came).
+
+        The reference is the latest target whose time has come, else a point on the way to the next;
+        `current` is the reference being tracked. A target's gripper command goes out when the arm
+        starts towards it (as the sim env issues it at the start of a step)."""
         te = now + h
-        ref, gripper = current, None
+        ref, gripper, arrived = current, None, False
         while self.queue and self.queue[0].stamp <= te + 1e-9:
             tgt = self.queue.popleft()
-            ref = tgt.pose
-            gripper = tgt.gripper if tgt.gripper is not None else gripper
-        if self.queue and not np.array_equal(ref, self.queue[0].pose):
+            ref, arrived = tgt.pose, True
+            if not tgt.started and tgt.gripper is not None:
+                gripper = tgt.gripper
+        if self.queue:
             nxt = self.queue[0]
-            ref = interpolate(ref, nxt.pose, min(1.0, h / max(nxt.stamp - now, h)))
-        return ref, gripper
+            if not nxt.started:
+                nxt.started = True
+                gripper = nxt.gripper if nxt.gripper is not None else gripper
+            if not np.array_equal(ref, nxt.pose):
+                ref = interpolate(ref, nxt.pose, min(1.0, h / max(nxt.stamp - now, h)))
+        return ref, gripper, arrived
 
     def stale(self, now: float) -> bool:
         """The stream went silent for two of its periods (checked while a target stream is active)."""

@@ -38,3 +38,11 @@ def delta_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The 6-D delta (xyz, rotvec) with apply_delta(a, *delta) == b."""
     dp, dr = pose_error(b, a)
     return np.concatenate([dp, dr])
+
+
+def action_to_delta(action, scale, mask) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """A normalised ee_delta action → (Δxyz m, Δrotvec rad, gripper command or None): clipped to
+    [-1, 1], masked, scaled. The sim env and the action executor both use it, so they agree exactly."""
+    a = np.clip(np.asarray(action, dtype=np.float64).reshape(7), -1.0, 1.0) * np.asarray(mask, dtype=float)
+    delta = a[:6] * np.asarray(scale, dtype=np.float64)[:6]
+    return delta[:3], delta[3:], (float(a[6]) if mask[6] else None)

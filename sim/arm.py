@@ -111,9 +111,11 @@ class PandaArm:
         """command in [-1, 1]: -1 fully open, +1 fully closed (non-blocking)."""
         self.d.ctrl[self.gripper_act] = 255.0 * (np.clip(command, -1.0, 1.0) + 1.0) / 2.0
 
-    def run(self, target: np.ndarray, duration: float, latency: float = 0.0) -> None:
+    def run(self, target: np.ndarray, duration: float, latency: float = 0.0, settle: bool = True) -> None:
         """Track `target` for `duration` seconds: the reference moves linearly from the previous
-        target over the step (interpolation at the controller rate); `latency` delays the switch."""
+        target over the step (interpolation at the controller rate); `latency` delays the switch.
+        `settle`: the reference velocity drops to zero on the last tick (the target's time has come);
+        sim_world passes False for a tick that is only part of the way to a target."""
         m, d, c = self.m, self.d, self.controller
         self._prev_target[:] = self._target
         self._target[:] = target
@@ -131,7 +133,7 @@ class PandaArm:
             if k >= n_lat:
                 a = min(1.0, (k - n_lat + 1) / move_ticks)
                 reference_at(a, p0, p1, q0, axis, angle, c.ref_pos, c.ref_quat)
-                c.ref_vel[:] = vel if a < 1.0 else 0.0
+                c.ref_vel[:] = vel if a < 1.0 or not settle else 0.0
             mujoco.mj_step1(m, d)
             c.compute()
             mujoco.mj_step2(m, d)

@@ -18,7 +18,7 @@ from robot_rl.sim.arm import PandaArm
 from robot_rl.sim.controller import ImpedanceGains
 from robot_rl.sim.scene import HOME_QPOS, CellConfig, build_cell
 
-from robot_rl.geometry import apply_delta
+from robot_rl.geometry import action_to_delta, apply_delta
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec, arm_state_keys, image_key, object_key
 
 MASKS = {
@@ -223,15 +223,13 @@ class FrankaTaskEnv(gym.Env):
         return self._obs(), self._info(False)
 
     def step(self, action):
-        a = np.clip(np.asarray(action, dtype=np.float64).reshape(7), -1.0, 1.0)
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"task '{self.task_name}': action has NaN/Inf: {a}")
-        a = a * self._mask
-        delta = a[:6] * self._scale[:6]
-        target = apply_delta(self.arm.target, delta[:3], delta[3:])
+        if not np.all(np.isfinite(np.asarray(action, dtype=np.float64))):
+            raise ValueError(f"task '{self.task_name}': action has NaN/Inf: {action}")
+        dpos, drot, gripper = action_to_delta(action, self._scale, self.mask)
+        target = apply_delta(self.arm.target, dpos, drot)
         target[:3] = np.clip(target[:3], self.workspace.low, self.workspace.high)
-        if self.mask[6]:
-            self.arm.set_gripper(a[6])
+        if gripper is not None:
+            self.arm.set_gripper(gripper)
         self.arm.run(target, self.dt, self._latency)
         self._steps += 1
         success, failed, shaping = self.evaluate()

@@ -109,10 +109,10 @@ class SimWorld:
     def tick(self) -> None:
         if self.mode == "realtime" and self.targets.stale(self.t):
             self.hold()
-        ref, gripper = self.targets.reference(self.t, self.h, self.env.arm.target)
+        ref, gripper, arrived = self.targets.reference(self.t, self.h, self.env.arm.target)
         if gripper is not None:
             self.env.arm.set_gripper(gripper)
-        self.env.arm.run(ref, self.h)
+        self.env.arm.run(ref, self.h, settle=arrived)
         self.t = round(self.t + self.h, 9)
         self.publish_state()
         self.render_due()

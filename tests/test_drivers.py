@@ -169,9 +169,13 @@ def test_safety_refuses_nan_workspace_and_tilt_and_shortens_fast_steps():
     assert not check_target(np.r_[0.5, np.nan, 0.3, DOWN], here, 0.1, lim).ok
     v = check_target(np.r_[0.5, 0.0, 0.9, DOWN], here, 0.1, lim)
     assert not v.ok and "outside the workspace" in v.reason
-    tilted = np.r_[0.5, 0.0, 0.3, np.cos(0.4), np.sin(0.4), 0.0, 0.0]  # 0.8 rad from nominal
+    from robot_rl.geometry import apply_delta
+
+    tilted = apply_delta(here, np.zeros(3), np.array([0.8, 0.0, 0.0]))  # tool axis tilted 0.8 rad
     v = check_target(tilted, here, 0.1, lim)
-    assert not v.ok and "deg from nominal" in v.reason
+    assert not v.ok and "tilted 46 deg from nominal" in v.reason
+    yawed = apply_delta(here, np.zeros(3), np.array([0.0, 0.0, 1.2]))  # tool still down, turned about its axis
+    assert check_target(yawed, yawed, 0.1, lim).ok, "yaw about the tool axis is not a tilt"
     v = check_target(np.r_[0.6, 0.0, 0.3, DOWN], here, 0.1, lim)  # 10 cm in 0.1 s at 0.2 m/s max
     assert v.ok and v.limited and v.target[0] == pytest.approx(0.52)
     np.testing.assert_allclose(clip_action(np.array([2.0, -3.0, np.nan, 0.5]), lim), [1.0, -1.0, 0.0, 0.5])
