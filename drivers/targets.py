@@ -73,7 +73,7 @@ class TargetQueue:
             ref, arrived = tgt.pose, True
             if not tgt.started and tgt.gripper is not None:
                 gripper = tgt.gripper
-        if self.queue:
+        if self.queue and not arrived:  # (a tick that reaches a target ends there; the next starts after)
             nxt = self.queue[0]
             if not nxt.started:
                 nxt.started = True

@@ -3,10 +3,11 @@ ROS 2's launch system is not installed. The same files stay valid for `ros2 laun
 
 Supported subset (anything else is refused with one clear line):
   arg(name, default, description) · let(name, value) · set_env(name, value)
+  include(file) with arg(name, value) children: another launch file's processes, with its arguments
   node(pkg, exec, name, namespace, output, on_exit, args) with children
       param(name, value | from) · remap(from, to) · env(name, value)
   executable(cmd, name, cwd, output, on_exit) with env children
-  substitutions: $(var NAME) · $(env NAME [DEFAULT]) · $(find-pkg-share PKG)
+  substitutions: $(var NAME) · $(env NAME [DEFAULT]) · $(find-pkg-share PKG) · $(dirname)
 `pkg`/`exec` resolve through the `robot_rl.nodes` entry points (robot_rl) or the ament index
 (lib/<pkg>/<exec> under AMENT_PREFIX_PATH). A node with `on_exit: shutdown` is required: when it
 exits, everything stops and the launcher says which node and why. SIGINT/SIGTERM are forwarded.
@@ -32,8 +33,9 @@ from pathlib import Path
 import yaml
 
 SCHEMA: dict[str, tuple[set[str], set[str]]] = {  # tag -> (attributes, child tags)
-    "launch": (set(), {"arg", "let", "set_env", "node", "executable"}),
-    "arg": ({"name", "default", "description"}, set()),
+    "launch": (set(), {"arg", "let", "set_env", "node", "executable", "include"}),
+    "include": ({"file"}, {"arg"}),
+    "arg": ({"name", "default", "description", "value"}, set()),
     "let": ({"name", "value"}, set()),
     "set_env": ({"name", "value"}, set()),
     "node": ({"pkg", "exec", "name", "namespace", "output", "on_exit", "args"}, {"param", "remap", "env"}),
@@ -42,7 +44,8 @@ SCHEMA: dict[str, tuple[set[str], set[str]]] = {  # tag -> (attributes, child ta
     "remap": ({"from", "to"}, set()),
     "env": ({"name", "value"}, set()),
 }
-REQUIRED_ATTRS = {"arg": {"name"}, "let": {"name", "value"}, "set_env": {"name", "value"}, "node": {"pkg", "exec"},
+REQUIRED_ATTRS = {"include": {"file"}, "arg": {"name"}, "let": {"name", "value"}, "set_env": {"name", "value"},
+                  "node": {"pkg", "exec"},
                   "executable": {"cmd"}, "remap": {"from", "to"}, "env": {"name", "value"}}
 ENTRY_POINT_GROUP = "robot_rl.nodes"
 _SUBST = re.compile(r"\$\(([a-z-]+)((?:\s+[^)\s]+)*)\s*\)")
@@ -114,6 +117,8 @@ def validate(e: Entity, src: str, parent: str = "") -> None:
     missing = REQUIRED_ATTRS.get(e.tag, set()) - set(e.attrs)
     if missing:
         raise LaunchError(f"{src}: <{e.tag}> at {where} is missing {sorted(missing)}")
+    if e.tag == "arg" and parent.endswith("include") and "value" not in e.attrs:
+        raise LaunchError(f"{src}: <arg> inside <include> at {where} needs a value")
     if e.tag == "param" and ("value" in e.attrs) == ("from" in e.attrs):
         raise LaunchError(f"{src}: <param> at {where} needs exactly one of 'name'+'value' or 'from'")
     if e.tag == "param" and "value" in e.attrs and "name" not in e.attrs:
@@ -151,7 +156,9 @@ def substitute(text: str, variables: dict[str, str], src: str) -> str:
             return os.environ.get(args[0], args[1] if len(args) == 2 else "")
         if kind == "find-pkg-share":
             return str(package_share(args[0]))
-        raise LaunchError(f"{src}: substitution $({kind} ...) is not supported (var, env, find-pkg-share)")
+        if kind == "dirname" and not args:
+            return str(Path(src).resolve().parent)
+        raise LaunchError(f"{src}: substitution $({kind} ...) is not supported (var, env, find-pkg-share, dirname)")
     return _SUBST.sub(one, text)
 
 
@@ -180,7 +187,7 @@ def resolve_exec(pkg: str, exe: str, src: str) -> list[str]:
     return [str(path)]
 
 
-def plan(path: Path, cli_args: dict[str, str]) -> list[Process]:
+def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None = None) -> list[Process]:
     """Resolve a launch file into the processes to start, in order."""
     src = str(path)
     root = parse(path)
@@ -189,7 +196,7 @@ def plan(path: Path, cli_args: dict[str, str]) -> list[Process]:
     unknown = set(cli_args) - set(declared)
     if unknown:
         raise LaunchError(f"{src}: unknown launch argument(s) {sorted(unknown)}; arguments: {declared}")
-    env = dict(os.environ)
+    env = dict(os.environ if base_env is None else base_env)
     procs: list[Process] = []
     for e in root.children:
         a = {k: substitute(v, variables, src) for k, v in e.attrs.items()}
@@ -205,6 +212,9 @@ def plan(path: Path, cli_args: dict[str, str]) -> list[Process]:
             variables[a["name"]] = a["value"]
         elif e.tag == "set_env":
             env[a["name"]] = a["value"]
+        elif e.tag == "include":
+            inner = {c.attrs["name"]: substitute(c.attrs["value"], variables, src) for c in e.children}
+            procs += plan(Path(a["file"]), inner, env)  # relative to the working directory, as in ros2 launch
         else:
             penv = dict(env)
             for c in e.children:

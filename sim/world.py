@@ -57,6 +57,7 @@ class SimWorld:
         self.holding = True
         self.episode, self.seed = 0, seed
         self._last_state_wall = 0.0
+        self.on_state = None  # called with the world whenever its state is published (the node's ROS side)
         self.reset(seed)
         self.home_pose = arm.ee_pose
         self._rtf_wall, self._rtf_sim, self.rtf = time.monotonic(), 0.0, 0.0
@@ -124,6 +125,8 @@ class SimWorld:
         raw = -np.concatenate([d.sensordata[arm._ft_force:arm._ft_force + 3],
                                d.sensordata[arm._ft_torque:arm._ft_torque + 3]])
         self._last_state_wall = time.monotonic()
+        if self.on_state is not None:
+            self.on_state(self)
         self.link.publish("state", {
             "op": "state", "t": self.t, "episode": self.episode, "q": arm.joint_pos.tolist(),
             "dq": arm.joint_vel.tolist(), "ee": arm.ee_pose.tolist(), "gripper": arm.gripper,
@@ -141,7 +144,7 @@ class SimWorld:
                     self.link.publish_frame(c.name, self.env.render_camera(c.name, c.width, c.height, self.geometry),
                                             self.t)
 
-    def run(self, should_stop, on_tick=None) -> None:
+    def run(self, should_stop) -> None:
         """The loop: messages, then a tick when its time (realtime) or its command (lockstep) has come."""
         wall0, sim0 = time.monotonic(), self.t
         while not should_stop():
@@ -162,8 +165,6 @@ class SimWorld:
                     continue
             self.tick()
             self._update_rtf()
-            if on_tick is not None:
-                on_tick(self)
 
     def _update_rtf(self) -> None:
         now = time.monotonic()

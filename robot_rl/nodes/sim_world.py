@@ -4,10 +4,11 @@ factor, refused targets, watchdog holds); the camera, F/T, arm and episode nodes
 from __future__ import annotations
 
 from robot_rl.drivers.sim_link import default_link_dir
-from robot_rl.nodes.common import Diagnostics, declare, qos, run_node, sec_to_stamp
+from robot_rl.nodes.common import Diagnostics, declare, pose_to_msg, qos, run_node, sec_to_stamp
 
 
 def build(cfg, _rt_note, stop):
+    from geometry_msgs.msg import PoseStamped
     from rclpy.node import Node
     from rosgraph_msgs.msg import Clock
 
@@ -26,6 +27,10 @@ def build(cfg, _rt_note, stop):
             "damping_ratio": a.damping_ratio, "max_pos_error": a.max_pos_error, "max_rot_error": a.max_rot_error}},
     )
     clock_pub = node.create_publisher(Clock, "/clock", qos("clock"))
+    object_pubs = {name: node.create_publisher(PoseStamped, f"sim/object/{name}", qos("state"))
+                   for name in world.env.objects}  # sim-only observations (state.object.<name>)
+    pose_msg = PoseStamped()
+    pose_msg.header.frame_id = "base"
     diag = Diagnostics(node)
     clock = Clock()
     node.close = world.close
@@ -34,11 +39,16 @@ def build(cfg, _rt_note, stop):
     def on_tick(w: SimWorld) -> None:
         sec_to_stamp(w.t, clock.clock)
         clock_pub.publish(clock)
+        pose_msg.header.stamp = clock.clock
+        for name, pose in w.env.object_poses().items():
+            pose_to_msg(pose, pose_msg.pose)
+            object_pubs[name].publish(pose_msg)
         diag.maybe_publish({"sim_time": w.t, "real_time_factor": w.rtf, "episode": w.episode,
                             "refused_targets": w.targets.refused, "watchdog_holds": w.targets.stale_holds, "holding": w.holding,
                             "mode": w.mode})
 
-    return node, lambda: world.run(stop.is_set, on_tick)
+    world.on_state = on_tick  # after every tick, reset and lock-step heartbeat
+    return node, lambda: world.run(stop.is_set)
 
 
 def main() -> int:

@@ -1,0 +1,48 @@
+"""Action chunks → absolute, time-stamped end-effector targets (ARCHITECTURE.md, action semantics).
+Plain Python: `action_executor` (node) wraps it; the sim env applies the same rule in-process.
+
+A delta composes on the *commanded* target (`target_k = clip(target_{k-1} ∘ Δ_k)`), which resets to
+the measured pose at episode start and whenever control changes hands. Action k of a chunk observed
+at t_obs is stamped t_obs + (k+1)·dt; a target whose time has passed is composed but not sent
+(skipped, never shifted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from robot_rl.geometry import apply_delta
+
+
+@dataclass
+class ChunkExecutor:
+    workspace_low: tuple[float, float, float]
+    workspace_high: tuple[float, float, float]
+    dt: float
+    target: np.ndarray | None = None
+    late: int = 0  # targets skipped because their time had passed
+    chunks: int = 0
+
+    def reset(self, measured_pose: np.ndarray) -> None:
+        """Control (re)starts here: the commanded target is the measured pose."""
+        self.target = np.asarray(measured_pose, dtype=np.float64).copy()
+
+    def execute(self, t_obs: float, deltas: list[tuple[np.ndarray, np.ndarray, float | None]], now: float,
+                ) -> list[tuple[float, np.ndarray, float | None]]:
+        """Compose a chunk's executed deltas onto the commanded target; the targets still ahead of `now`."""
+        if self.target is None:
+            raise RuntimeError("executor: no measured pose yet (reset() at episode start)")
+        out = []
+        lo, hi = np.asarray(self.workspace_low), np.asarray(self.workspace_high)
+        for k, (dpos, drot, gripper) in enumerate(deltas):
+            self.target = apply_delta(self.target, dpos, drot)
+            self.target[:3] = np.clip(self.target[:3], lo, hi)
+            stamp = t_obs + (k + 1) * self.dt
+            if stamp <= now:
+                self.late += 1
+                continue
+            out.append((stamp, self.target.copy(), gripper))
+        self.chunks += 1
+        return out
