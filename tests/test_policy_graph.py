@@ -11,15 +11,15 @@ rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test
 torch = pytest.importorskip("torch")
 
 from geometry_msgs.msg import PoseStamped  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
-
-from robot_rl.learning.evaluate import ChunkAgent  # noqa: E402
-from robot_rl.nodes.common import msg_to_pose, qos, stamp_to_sec  # noqa: E402
 from robot_rl.policies.checkpoint import save_policy  # noqa: E402
 from robot_rl.policies.consistency import ConsistencyPolicy  # noqa: E402
 from robot_rl.policies.diffusion import PolicyConfig  # noqa: E402
 from robot_rl.policies.normalizer import Normalizer  # noqa: E402
 from robot_rl.sim.registry import make_env  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+
+from robot_rl.learning.evaluate import ChunkAgent  # noqa: E402
+from robot_rl.nodes.common import msg_to_pose, qos, stamp_to_sec  # noqa: E402
 from tests.helpers.ros import Probe, fresh_domain, launched, ros_env, stop  # noqa: E402
 
 TASK, SEED, STEPS = "reach", 100003, 24
