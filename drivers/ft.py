@@ -26,6 +26,7 @@ class WrenchSample:
     stamp: float  # device time (s); sim time for the mujoco backend
     wrench: np.ndarray  # fx fy fz (N), tx ty tz (Nm), raw, sensor frame
     rotation: np.ndarray | None = None  # sensor orientation in the base frame (3x3) when the backend knows it
+    payload_wrench: np.ndarray | None = None  # sim only: the model's exact tool weight in the reading
 
 
 @dataclass
@@ -251,7 +252,9 @@ class RobotiqFT300:
 
 # ---- MuJoCo (through sim_world) ----------------------------------------------------------------
 class MujocoFT:
-    """The wrist sensor of the sim cell, read from sim_world's state stream (raw, sensor frame)."""
+    """The wrist sensor of the sim cell, read from sim_world's state stream (raw, sensor frame). The sim
+    also says exactly how much of the reading is the tool's weight, so the published wrench equals the
+    in-process observation (a real cell uses the configured or fitted payload instead)."""
 
     def __init__(self, link_dir: Path, timeout: float = 0.5):
         from robot_rl.drivers.sim_link import LinkClient
@@ -275,7 +278,8 @@ class MujocoFT:
             msg = self.link.recv(self.timeout)
         if msg is None:
             return None
-        return WrenchSample(msg["t"], np.asarray(msg["wrench_raw"]), np.asarray(msg["ft_rot"]).reshape(3, 3))
+        return WrenchSample(msg["t"], np.asarray(msg["wrench_raw"]), np.asarray(msg["ft_rot"]).reshape(3, 3),
+                            np.asarray(msg["payload_wrench"]))
 
     def stats(self) -> dict[str, int]:
         return {}

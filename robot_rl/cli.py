@@ -30,8 +30,9 @@ VERBS: dict[str, dict[str, str]] = {
     "distill": {"": "distil a one-step consistency student: teacher=<ckpt> [distill.steps=...]"},
     "eval": {"": "closed-loop evaluation: ckpt=<ckpt> task=<task> episodes=N sampler=<ddpm100|ddim10|cm1|cm3>"},
     "launch": {"": "run a ROS 2 launch file: launch <file|sim_bringup|robot_bringup> [name:=value ...]"},
+    "run": {"": "a policy on the sim robot through ROS 2: ckpt=<ckpt> [mode=lockstep|realtime] episodes=N"},
 }
-PLANNED = {"record", "replay", "run", "finetune"}
+PLANNED = {"record", "replay", "finetune"}
 
 
 class UserError(Exception):
@@ -315,12 +316,24 @@ def cmd_learn(verb: str):
     return run
 
 
+def cmd_run(cfg: DictConfig, positional: str | None) -> int:
+    from robot_rl.hardware import HardwareConfigError
+    from robot_rl.policies.checkpoint import CheckpointError
+    from robot_rl.run_cli import RunError, run
+
+    try:
+        return run(cfg, console())
+    except (RunError, HardwareConfigError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+
+
 COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
     ("sim", "list"): cmd_sim_list,
     ("sim", "rollout"): cmd_sim_rollout,
     ("demo", ""): cmd_demo,
     **{("data", sub): cmd_data(sub) for sub in VERBS["data"]},
     **{(verb, ""): cmd_learn(verb) for verb in ("train", "distill", "eval")},
+    ("run", ""): cmd_run,
 }
 
 

@@ -20,6 +20,12 @@ from robot_rl.stats import wilson_interval
 Policy = Callable[[dict], np.ndarray]
 
 
+def policy_rng(episode_seed: int) -> np.random.Generator:
+    """The policy's own random stream for an episode (sampling noise), apart from the env's: the
+    in-process rollout and the policy server draw it the same way, so their rollouts match."""
+    return np.random.default_rng(episode_seed + 1_000_003)
+
+
 @dataclass
 class RolloutSummary:
     task: str
@@ -91,7 +97,7 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
         for ep in range(episodes):
             ep_seed = seed + ep
             obs, info = env.reset(seed=ep_seed)
-            policy.reset(np.random.default_rng(ep_seed + 1_000_003))
+            policy.reset(policy_rng(ep_seed))
             record = video_path is not None and ep == 0
             if record:
                 frames.append(env.render())

@@ -121,19 +121,20 @@ class SimWorld:
     def publish_state(self) -> None:
         env, arm = self.env, self.env.arm
         success, failed, shaping = env.evaluate()
-        d, m = env.data, env.model
+        d = env.data
         raw = -np.concatenate([d.sensordata[arm._ft_force:arm._ft_force + 3],
                                d.sensordata[arm._ft_torque:arm._ft_torque + 3]])
+        tool_weight = raw - arm.wrench()  # the model's exact payload wrench now (fingers move the tool's com)
         self._last_state_wall = time.monotonic()
         if self.on_state is not None:
             self.on_state(self)
         self.link.publish("state", {
             "op": "state", "t": self.t, "episode": self.episode, "q": arm.joint_pos.tolist(),
             "dq": arm.joint_vel.tolist(), "ee": arm.ee_pose.tolist(), "gripper": arm.gripper,
-            "target": arm.target.tolist(), "wrench_raw": raw.tolist(),
+            "target": arm.target.tolist(), "wrench_raw": raw.tolist(), "payload_wrench": tool_weight.tolist(),
             "ft_rot": d.site_xmat[arm.ft_site].tolist(), "holding": self.holding, "success": bool(success),
             "failed": bool(failed), "reward": float(success) + float(shaping), "refused": self.targets.refused,
-            "stale_holds": self.targets.stale_holds, "rtf": self.rtf, "payload_mass": float(m.body_subtreemass[arm.tool_body]),
+            "stale_holds": self.targets.stale_holds, "rtf": self.rtf,
         })
 
     def render_due(self) -> None:

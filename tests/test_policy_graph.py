@@ -20,10 +20,11 @@ from std_srvs.srv import Trigger  # noqa: E402
 
 from robot_rl.learning.evaluate import ChunkAgent  # noqa: E402
 from robot_rl.nodes.common import msg_to_pose, qos, stamp_to_sec  # noqa: E402
+from robot_rl.rollout import policy_rng  # noqa: E402
 from tests.helpers.ros import Probe, fresh_domain, launched, ros_env, stop  # noqa: E402
 
 TASK, SEED, STEPS = "reach", 100003, 24
-KEYS = {"state.joint_pos": 7, "state.ee_pose": 7, "state.gripper": 1, "state.object.goal": 7}
+KEYS = {"state.joint_pos": 7, "state.ee_pose": 7, "state.gripper": 1, "state.wrench": 6, "state.object.goal": 7}
 
 
 def _checkpoint(path, env) -> ConsistencyPolicy:
@@ -41,7 +42,7 @@ def test_lockstep_rollout_through_ros_matches_the_in_process_rollout(tmp_path):
     policy = _checkpoint(tmp_path / "ckpt", env)
     obs, _ = env.reset(seed=SEED)
     agent = ChunkAgent(policy, "cm1")
-    agent.reset(np.random.default_rng(SEED))
+    agent.reset(policy_rng(SEED))
     expected = []
     for _ in range(STEPS):
         obs, *_ = env.step(agent.act(obs))

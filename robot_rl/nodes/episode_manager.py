@@ -25,7 +25,7 @@ def build(cfg, _rt_note, stop):
     home = None if cfg.is_sim else node.create_client(Trigger, "arm/home")
     lock = threading.Lock()
     done = threading.Event()
-    ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "t": 0.0}
+    ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "failed": False, "t": 0.0}
     diag, meter = Diagnostics(node), RateMeter()
     state_pub = node.create_publisher(String, "episode/state", qos("latched"))
     reward_pub = node.create_publisher(Float32, "episode/reward", qos("state"))
@@ -51,7 +51,7 @@ def build(cfg, _rt_note, stop):
                 return False, "/arm/home is not available; is arm_node running?"
             home.call_async(Trigger.Request())
             seed = None
-        ep.update(episode=episode, state="ready", seed=seed, label=None, success=False)
+        ep.update(episode=episode, state="ready", seed=seed, label=None, success=False, failed=False)
         announce()
         return True, f"episode {episode} ready" + (f" (seed {seed})" if seed is not None else "; prepare the scene")
 
@@ -99,8 +99,8 @@ def build(cfg, _rt_note, stop):
             with lock:
                 if ep["state"] == "running":
                     reward_pub.publish(Float32(data=float(msg["reward"])))
-                    if msg["success"] and not ep["success"]:
-                        ep["success"] = True
+                    if (msg["success"] and not ep["success"]) or (msg.get("failed") and not ep["failed"]):
+                        ep["success"], ep["failed"] = ep["success"] or msg["success"], ep["failed"] or msg["failed"]
                         announce()
 
     return node, (loop if link is not None else None)

@@ -32,7 +32,7 @@ def build(cfg, _rt_note, stop):
     payload = Payload(p["ft.payload_mass"], tuple(p["ft.payload_com"]))
     sensor_in_ee = quat_to_rot(np.asarray(p["ft.sensor_in_ee"]))
     lock = threading.Lock()
-    recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=STILL_WINDOW)
+    recent: deque[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = deque(maxlen=STILL_WINDOW)
     poses: list[tuple[np.ndarray, np.ndarray]] = []
     ee_rot: list[np.ndarray | None] = [None]
     pub = node.create_publisher(WrenchStamped, "ft/wrench", qos("state"))
@@ -45,12 +45,12 @@ def build(cfg, _rt_note, stop):
 
     node.create_subscription(PoseStamped, "arm/ee_pose", on_pose, qos("state"))
 
-    def still() -> tuple[np.ndarray, np.ndarray]:
+    def still() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with lock:
             if len(recent) < STILL_WINDOW // 2:
                 raise ValueError("not enough recent samples; is the sensor streaming?")
-            raws, rots = zip(*recent)
-        return np.mean(raws, axis=0), rots[-1]
+            raws, rots, weights = zip(*recent)
+        return np.mean(raws, axis=0), rots[-1], None if weights[-1] is None else np.mean(weights, axis=0)
 
     def service(fn):
         def cb(_req, resp):
@@ -63,12 +63,13 @@ def build(cfg, _rt_note, stop):
 
     def bias() -> str:
         nonlocal payload
-        raw, rot = still()
-        payload = replace(payload, bias=tuple(raw - replace(payload, bias=(0.0,) * 6).wrench(rot)))
+        raw, rot, weight = still()
+        gravity = weight if weight is not None else replace(payload, bias=(0.0,) * 6).wrench(rot)
+        payload = replace(payload, bias=tuple(raw - gravity))
         return f"bias set: {np.round(payload.bias, 3).tolist()}"
 
     def record_pose() -> str:
-        poses.append(still())
+        poses.append(still()[:2])
         return f"{len(poses)} poses recorded"
 
     def fit() -> str:
@@ -104,20 +105,26 @@ def build(cfg, _rt_note, stop):
             if rot is None:
                 diag.error("ft: no /arm/ee_pose yet; cannot compensate the payload")
                 continue
-            if last_stamp is not None and s.stamp <= last_stamp:
-                continue  # a lock-step heartbeat repeats the last sample
-            last_stamp = s.stamp
-            acc.append(s.wrench)
-            next_pub = s.stamp if next_pub is None else next_pub
-            if s.stamp + 1e-9 < next_pub:
-                continue
-            next_pub = max(next_pub + period, s.stamp)
-            raw = np.mean(acc, axis=0)
-            acc.clear()
+            if last_stamp is not None and s.stamp <= last_stamp:  # a lock-step heartbeat repeats the sample:
+                if meter.age() < 0.5:  # re-published twice a second (late subscribers see it), not at 10 Hz
+                    continue
+                raw = s.wrench
+            else:
+                last_stamp = s.stamp
+                acc.append(s.wrench)
+                next_pub = s.stamp if next_pub is None else next_pub
+                if s.stamp + 1e-9 < next_pub:
+                    continue
+                next_pub = max(next_pub + period, s.stamp)
+                raw = np.mean(acc, axis=0)
+                acc.clear()
             with lock:
-                recent.append((raw, rot))
+                recent.append((raw, rot, s.payload_wrench))
             publish(raw_pub, s.stamp, raw)
-            publish(pub, s.stamp, payload.compensate(raw, rot))
+            if s.payload_wrench is not None:  # sim: the model's exact tool weight
+                publish(pub, s.stamp, raw - s.payload_wrench - np.asarray(payload.bias))
+            else:
+                publish(pub, s.stamp, payload.compensate(raw, rot))
             meter.tick()
             diag.maybe_publish({"rate_hz": meter.rate(), "age_s": meter.age(), "payload_mass": payload.mass,
                                 "backend": section.backend, **sensor.stats()})

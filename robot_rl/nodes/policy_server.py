@@ -45,6 +45,7 @@ def build(cfg, _rt_note, stop):
     from robot_rl.geometry import action_to_delta, rot_to_quat
     from robot_rl.learning.evaluate import ChunkAgent
     from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.rollout import policy_rng
     from robot_rl.spec import ActionSpec, SpecError, check_compatible
 
     node = Node("policy_server")
@@ -136,7 +137,7 @@ def build(cfg, _rt_note, stop):
                     lock.wait(0.1)
                     continue
                 if ep["reset_seed"] is not None:  # a new episode: fresh windows, noise seeded by the episode's seed
-                    agent.reset(np.random.default_rng(ep["reset_seed"]))
+                    agent.reset(policy_rng(ep["reset_seed"]))
                     ep["reset_seed"] = None
                 if ep["t_next"] is None:  # hardware: start from the newest observation
                     ep["t_next"] = max((b[-1][0] for b in bufs.values() if b), default=None)
