@@ -55,6 +55,7 @@ class SimWorld:
         })
         self.targets = TargetQueue(limits, target_period)
         self.holding = True
+        self.accepting = True
         self.episode, self.seed = 0, seed
         self._last_state_wall = 0.0
         self.on_state = None  # called with the world whenever its state is published (the node's ROS side)
@@ -64,7 +65,10 @@ class SimWorld:
 
     # ---- commands -----------------------------------------------------------------------------
     def reset(self, seed: int | None) -> None:
+        """A new episode. The reset takes one tick of sim time, so every stream's stamps stay strictly
+        increasing and the first state of the episode is never mistaken for the last of the previous."""
         self.env.reset(seed=seed)
+        self.t = round(self.t + self.h, 9)
         self.targets.clear()
         self.targets.watchdog.reset()
         self.holding = True
@@ -79,6 +83,8 @@ class SimWorld:
 
     def add_target(self, stamp: float, pose, gripper: float | None) -> str:
         """Queue an absolute target; the world re-checks it (safety is enforced twice)."""
+        if not self.accepting:
+            return "the episode is stopped: targets are ignored until the next start"
         reason = self.targets.add(self.t, stamp, pose, gripper, self.env.arm.target, self.h)
         if reason:
             self.hold()
@@ -94,6 +100,9 @@ class SimWorld:
                 if reason:
                     self.link.reply(msg, {"op": "refused", "reason": reason})
             elif op == "hold":
+                self.hold()
+            elif op in ("stop", "start"):  # episode boundaries: a stopped episode's late targets never move the arm
+                self.accepting = op == "start"
                 self.hold()
             elif op == "home":
                 self.targets.clear()

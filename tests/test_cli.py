@@ -9,8 +9,8 @@ from pathlib import Path
 ROBOT_RL = [sys.executable, "-m", "robot_rl.cli"]
 
 
-def run(*args, cwd=None):
-    env = {**os.environ, "MUJOCO_GL": "egl"}
+def run(*args, cwd=None, env=None):
+    env = {**os.environ, "MUJOCO_GL": "egl", **(env or {})}
     return subprocess.run([*ROBOT_RL, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -49,6 +49,8 @@ def test_bad_input_is_one_line_not_a_traceback():
         (["sim", "fly"], "needs one of"),
         (["teleport"], "unknown verb"),
         (["launch", "sim_bringupp"], "launch file 'sim_bringupp' not found"),
+        (["run"], "robot-rl run needs ckpt=<checkpoint folder>"),
+        (["run", "ckpt=/nonexistent"], "no config.json"),
         (["launch", "sim_bringup", "mode=lockstep"], "is not name:=value"),
         (["launch", "sim_bringup", "speed:=3"], "unknown launch argument(s) ['speed']"),
     ]
@@ -81,5 +83,11 @@ def test_readme_commands_run(tmp_path):
             args += ["video=false", f"out={tmp_path}", "progress=false"]
         if args[0] in ("train", "distill"):  # tiny sizes: the learning itself is tested in test_policies
             args += ["train.batch_size=16", "net.down_dims=[16,32,64]", "train.eval_episodes=0", "progress=false"]
-        r = run(*args, cwd=tmp_path)
+        ros = None
+        if args[0] == "run":  # the ROS graph, on a DDS domain of its own
+            from tests.helpers.ros import fresh_domain, ros_env
+
+            ros = ros_env(fresh_domain())
+            args += [f"out={tmp_path / 'run'}"]
+        r = run(*args, cwd=tmp_path, env=ros)
         assert r.returncode == 0, (args, r.stderr[-500:])

@@ -4,6 +4,10 @@ seed: end-effector within 1 mm at every policy step."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -16,7 +20,8 @@ from robot_rl.policies.consistency import ConsistencyPolicy  # noqa: E402
 from robot_rl.policies.diffusion import PolicyConfig  # noqa: E402
 from robot_rl.policies.normalizer import Normalizer  # noqa: E402
 from robot_rl.sim.registry import make_env  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from std_srvs.srv import SetBool, Trigger  # noqa: E402
 
 from robot_rl.learning.evaluate import ChunkAgent  # noqa: E402
 from robot_rl.nodes.common import msg_to_pose, qos, stamp_to_sec  # noqa: E402
@@ -37,19 +42,43 @@ def _checkpoint(path, env) -> ConsistencyPolicy:
     return policy
 
 
-def test_lockstep_rollout_through_ros_matches_the_in_process_rollout(tmp_path):
+def _in_process(policy, seed: int) -> np.ndarray:
     env = make_env(TASK)
-    policy = _checkpoint(tmp_path / "ckpt", env)
-    obs, _ = env.reset(seed=SEED)
+    obs, _ = env.reset(seed=seed)
     agent = ChunkAgent(policy, "cm1")
-    agent.reset(policy_rng(SEED))
-    expected = []
+    agent.reset(policy_rng(seed))
+    poses = []
     for _ in range(STEPS):
         obs, *_ = env.step(agent.act(obs))
-        expected.append(env.arm.ee_pose.copy())
-    expected = np.array(expected)
-    assert np.linalg.norm(expected[-1, :3] - expected[0, :3]) > 0.02, "the policy should move the arm"
+        poses.append(env.arm.ee_pose.copy())
     env.close()
+    return np.array(poses)
+
+
+def _through_ros(probe: Probe, proc, log) -> np.ndarray:
+    """One episode (reset, start, STEPS policy steps, stop): the ee pose at each policy step."""
+    reset = probe.call(Trigger, "/episode/reset", Trigger.Request(), timeout=60)
+    assert reset.success, reset.message
+    assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
+    probe.wait_for(lambda: json.loads(probe.latest("/episode/state").data)["state"] == "running", 30, "running", proc, log)
+    t0 = json.loads(probe.latest("/episode/state").data)["t"]
+
+    def at(k: int):
+        with probe.lock:
+            hits = [m for _, m in probe.msgs["/arm/ee_pose"] if abs(stamp_to_sec(m.header.stamp) - (t0 + 0.1 * k)) < 1e-6]
+        return msg_to_pose(hits[-1].pose) if hits else None
+
+    probe.wait_for(lambda: at(STEPS) is not None, 120, f"{STEPS} policy steps through ROS", proc, log)
+    assert probe.call(SetBool, "/episode/stop", SetBool.Request(data=False)).success
+    return np.array([at(k) for k in range(1, STEPS + 1)])
+
+
+def test_lockstep_rollouts_through_ros_match_the_in_process_rollouts(tmp_path):
+    env = make_env(TASK)
+    policy = _checkpoint(tmp_path / "ckpt", env)
+    env.close()
+    expected = [_in_process(policy, SEED + k) for k in range(2)]
+    assert np.linalg.norm(expected[0][-1, :3] - expected[0][0, :3]) > 0.02, "the policy should move the arm"
 
     domain, log = fresh_domain(), tmp_path / "launch.log"
     args = ["sim_policy", f"ckpt:={tmp_path / 'ckpt'}", f"task:={TASK}", "mode:=lockstep", f"seed:={SEED}"]
@@ -57,22 +86,25 @@ def test_lockstep_rollout_through_ros_matches_the_in_process_rollout(tmp_path):
         probe = Probe(domain)
         try:
             probe.subscribe("/arm/ee_pose", PoseStamped, qos("state"))
-            reset = probe.call(Trigger, "/episode/reset", Trigger.Request(), timeout=60)
-            assert reset.success and f"seed {SEED}" in reset.message, reset.message
-            probe.wait_for(lambda: probe.latest("/arm/ee_pose"), 30, "the arm state", proc, log)
-            t0 = stamp_to_sec(probe.latest("/arm/ee_pose").header.stamp)
-            assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
-
-            def at(k: int):
-                with probe.lock:
-                    hits = [m for _, m in probe.msgs["/arm/ee_pose"]
-                            if abs(stamp_to_sec(m.header.stamp) - (t0 + 0.1 * k)) < 1e-6]
-                return msg_to_pose(hits[-1].pose) if hits else None
-
-            probe.wait_for(lambda: at(STEPS) is not None, 120, f"{STEPS} policy steps through ROS", proc, log)
-            got = np.array([at(k) for k in range(1, STEPS + 1)])
+            probe.subscribe("/episode/state", String, qos("latched"))
+            got = [_through_ros(probe, proc, log) for _ in range(2)]  # the second checks episode boundaries
         finally:
             probe.close()
         assert stop(proc) == 0
-    err = np.linalg.norm(got[:, :3] - expected[:, :3], axis=1)
-    assert err.max() < 1e-3, f"through ROS vs in-process: max {err.max() * 1e3:.3f} mm at step {err.argmax() + 1}"
+    for k in range(2):
+        err = np.linalg.norm(got[k][:, :3] - expected[k][:, :3], axis=1)
+        assert err.max() < 1e-3, f"episode {k}: max {err.max() * 1e3:.3f} mm at step {err.argmax() + 1}"
+
+
+def test_robot_rl_run_prints_a_success_table(tmp_path):
+    env = make_env(TASK)
+    _checkpoint(tmp_path / "ckpt", env)
+    env.close()
+    r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "run", f"ckpt={tmp_path / 'ckpt'}", "episodes=2",
+                        f"out={tmp_path / 'run'}"], env=ros_env(fresh_domain()), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "through ROS 2 (lockstep" in r.stdout and "episodes" in r.stdout
+    result = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert result["episodes"] == 2 and [e["seed"] for e in result["per_episode"]] == [100000, 100001]
+    assert all(e["sim_s"] >= 4.9 for e in result["per_episode"] if not e["success"])

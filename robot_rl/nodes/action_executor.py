@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 
+import numpy as np
 from scipy.spatial.transform import Rotation
 
 from robot_rl.executor import ChunkExecutor
@@ -35,19 +37,60 @@ def build(cfg, _rt_note, stop):
     s = cfg.safety
     ex = ChunkExecutor(s.workspace_low, s.workspace_high, 1.0 / cfg.rates.policy_hz)
     lock = threading.Lock()
-    last = {"pose": None, "episode": None, "reset_pending": False}
+    poses: deque[tuple[float, np.ndarray]] = deque(maxlen=200)  # measured ee poses by stamp
+    episode = {"id": None, "t": None}
+    pending: deque = deque()  # chunks waiting for their episode state or their measured pose
     pub = node.create_publisher(MultiDOFJointTrajectory, "arm/target", qos("command"))
     diag, meter = Diagnostics(node), RateMeter()
 
+    def pose_at(t: float) -> np.ndarray | None:
+        for stamp, pose in reversed(poses):
+            if abs(stamp - t) < 0.006:  # within half a 100 Hz period
+                return pose
+            if stamp < t:
+                return None
+        return None
+
+    def process() -> None:
+        """Execute pending chunks in order, once the episode they belong to and, for its first chunk,
+        the measured pose at its observation time are known (messages may arrive in any order)."""
+        while pending:
+            t_obs, chunk = pending[0]
+            if episode["t"] is None:
+                return  # no episode running (yet): keep it until one starts
+            if t_obs < episode["t"] - 1e-9:
+                pending.popleft()  # a chunk from before this episode: drop it
+                continue
+            if abs(t_obs - episode["t"]) < 1e-9 or ex.target is None:  # control starts: target := measured pose
+                pose = pose_at(t_obs)
+                if pose is None:
+                    return
+                ex.reset(pose)
+            pending.popleft()
+            deltas = [(p[:3], Rotation.from_quat(p[3:], scalar_first=True).as_rotvec(), g) for _, p, g in chunk]
+            now = stamp_to_sec(node.get_clock().now().to_msg())
+            targets = ex.execute(t_obs, deltas, now)
+            if targets:
+                pub.publish(targets_to_msg(t_obs, targets))
+            meter.tick()
+        diag.maybe_publish({"chunks_per_s": meter.rate(), "chunks": ex.chunks, "late_targets": ex.late,
+                            "pending": len(pending)})
+
     def on_pose(m) -> None:
         with lock:
-            last["pose"] = msg_to_pose(m.pose)
+            poses.append((stamp_to_sec(m.header.stamp), msg_to_pose(m.pose)))
+            process()
 
     def on_episode(m) -> None:
         state = json.loads(m.data)
         with lock:
-            if state["state"] == "running" and state["episode"] != last["episode"]:
-                last["episode"], last["reset_pending"] = state["episode"], True
+            if state["state"] == "running" and state["episode"] != episode["id"]:
+                episode.update(id=state["episode"], t=state.get("t"))
+                ex.target = None
+                process()
+            elif state["state"] != "running":  # between episodes no chunk runs; the next waits for its start
+                episode.update(id=None, t=None)
+                ex.target = None
 
     def on_chunk(m) -> None:
         try:
@@ -55,23 +98,9 @@ def build(cfg, _rt_note, stop):
         except ValueError as e:
             diag.error(f"executor: malformed chunk ({e}); ignored")
             return
-        t_obs = stamp_to_sec(m.header.stamp)
         with lock:
-            if last["reset_pending"]:  # control starts: the commanded target is the measured pose
-                if last["pose"] is None:
-                    diag.error("executor: chunk before any measured pose; ignored")
-                    return
-                ex.reset(last["pose"])
-                last["reset_pending"] = False
-            if ex.target is None:
-                return
-            deltas = [(pose[:3], Rotation.from_quat(pose[3:], scalar_first=True).as_rotvec(), g) for _, pose, g in chunk]
-            now = stamp_to_sec(node.get_clock().now().to_msg())
-            targets = ex.execute(t_obs, deltas, now)
-        if targets:
-            pub.publish(targets_to_msg(t_obs, targets))
-        meter.tick()
-        diag.maybe_publish({"chunks_per_s": meter.rate(), "chunks": ex.chunks, "late_targets": ex.late})
+            pending.append((stamp_to_sec(m.header.stamp), chunk))
+            process()
 
     node.create_subscription(PoseStamped, "arm/ee_pose", on_pose, qos("state"))
     node.create_subscription(String, "episode/state", on_episode, qos("latched"))

@@ -64,6 +64,8 @@ def build(cfg, _rt_note, stop):
             state = last["state"]
             if state is None:
                 return hold("arm: target before the first arm state; holding")
+            if state.holding:  # the backend holds (reset, stop, watchdog): a new stream starts from the measured pose
+                last["target"] = None
             prev = last["target"] if last["target"] is not None else state.ee_pose
             prev_t = last["target_t"] if last["target"] is not None else state.stamp
             for t, pose, gripper in targets:

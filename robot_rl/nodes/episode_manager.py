@@ -9,7 +9,7 @@ import json
 import threading
 
 from robot_rl.drivers.sim_link import LinkClient, LinkError, default_link_dir
-from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node
+from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node, stamp_to_sec
 
 STATES = ("idle", "ready", "running", "stopped")
 
@@ -25,6 +25,7 @@ def build(cfg, _rt_note, stop):
     home = None if cfg.is_sim else node.create_client(Trigger, "arm/home")
     lock = threading.Lock()
     done = threading.Event()
+    latest = {"t": 0.0}  # sim time of the newest state from sim_world
     ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "failed": False, "t": 0.0}
     diag, meter = Diagnostics(node), RateMeter()
     state_pub = node.create_publisher(String, "episode/state", qos("latched"))
@@ -58,7 +59,12 @@ def build(cfg, _rt_note, stop):
     def start() -> tuple[bool, str]:
         if ep["state"] != "ready":
             return False, f"episode is '{ep['state']}', not 'ready'; call /episode/reset first"
-        ep["state"] = "running"
+        if link is not None:
+            link.send({"op": "start"})
+        # control starts now: the sim's latest state time (unchanged since the reset in lock-step), or the clock
+        # (never earlier than the reset: the loop may not have seen the post-reset state yet)
+        ep["state"], ep["t"] = "running", (max(latest["t"], ep["t"]) if link is not None
+                                           else stamp_to_sec(node.get_clock().now().to_msg()))
         announce()
         return True, f"episode {ep['episode']} running"
 
@@ -66,6 +72,8 @@ def build(cfg, _rt_note, stop):
         if ep["state"] != "running":
             return False, f"episode is '{ep['state']}', not 'running'"
         ep.update(state="stopped", label=label)
+        if link is not None:
+            link.send({"op": "stop"})
         announce()
         return True, f"episode {ep['episode']} stopped: {label}"
 
@@ -94,6 +102,7 @@ def build(cfg, _rt_note, stop):
                 done.set()
             if msg is not None and msg.get("op") == "state":
                 meter.tick()
+                latest["t"] = msg["t"]
             if msg is None or msg.get("op") != "state" or ep["state"] != "running":
                 continue  # (a reset holds the lock while it waits for reset_done: never block here then)
             with lock:
