@@ -82,7 +82,7 @@ class _Controller:
         else:
             if self.targets.stale(now):
                 self.hold(pose)
-            self.ref, _ = self.targets.reference(now, dt, self.ref)
+            self.ref, _, _ = self.targets.reference(now, dt, self.ref)
             j = np.asarray(model.zero_jacobian(state)).reshape(7, 6).T
             e = np.zeros(6)
             e[:3] = self.ref[:3] - pose[:3]
@@ -171,6 +171,9 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
             time.sleep(0.05)  # a lost connection keeps failing: report it at 20 Hz, do not spin
         except (BrokenPipeError, EOFError):
             running = False
+        except Exception as e:  # noqa: BLE001 - a bug in the loop: say so to the node, never die silently
+            conn.send_bytes(json.dumps({"op": "fatal", "error": f"franka control loop: {type(e).__name__}: {e}"}).encode())
+            running = False
         finally:
             del ctrl  # libfranka allows one active control at a time
     try:
@@ -235,7 +238,10 @@ class FrankaArm:
     def read(self) -> ArmState | None:
         deadline = time.monotonic() + self.timeout
         while (left := deadline - time.monotonic()) > 0 and self.conn.poll(left):
-            msg = json.loads(self.conn.recv_bytes())
+            try:
+                msg = json.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                raise ConnectionError("franka: the control process has exited") from None
             if msg["op"] == "fatal":
                 raise ConnectionError(msg["error"])
             if msg["op"] == "refused":

@@ -22,7 +22,8 @@ class ChunkExecutor:
     workspace_high: tuple[float, float, float]
     dt: float
     target: np.ndarray | None = None
-    late: int = 0  # targets skipped because their time had passed
+    late: int = 0  # targets skipped because their time had passed (deadline misses)
+    composed: int = 0  # targets composed in all
     chunks: int = 0
 
     def reset(self, measured_pose: np.ndarray) -> None:
@@ -40,6 +41,7 @@ class ChunkExecutor:
             self.target = apply_delta(self.target, dpos, drot)
             self.target[:3] = np.clip(self.target[:3], lo, hi)
             stamp = t_obs + (k + 1) * self.dt
+            self.composed += 1
             if stamp <= now:
                 self.late += 1
                 continue

@@ -39,7 +39,23 @@ def _client(domain: int):
     return rclpy, ctx, node, ex
 
 
+def _cpu_seconds(launch_log: Path) -> dict[str, float]:
+    """CPU seconds (user + system) each node process has used so far, from /proc."""
+    import re
+
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", launch_log.read_text()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = round((int(fields[11]) + int(fields[12])) / tick, 2)
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def run(cfg: DictConfig, console) -> int:
+    from diagnostic_msgs.msg import DiagnosticArray
     from rich.table import Table
     from rosgraph_msgs.msg import Clock
     from std_msgs.msg import String
@@ -78,6 +94,9 @@ def run(cfg: DictConfig, console) -> int:
     clock = {"t": 0.0}
     node.create_subscription(String, "episode/state", lambda m: state.update(json.loads(m.data)), qos("latched"))
     node.create_subscription(Clock, "/clock", lambda m: clock.update(t=stamp_to_sec(m.clock)), qos("clock"))
+    diagnostics: dict[str, dict[str, str]] = {}  # the newest values per node
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diagnostics.update(
+        {st.name.lstrip("/"): {kv.key: kv.value for kv in st.values} for st in m.status}), 10)
     clients = {n: node.create_client(Trigger, f"episode/{n}") for n in ("reset", "start")}
     stop_client = node.create_client(SetBool, "episode/stop")
 
@@ -116,6 +135,9 @@ def run(cfg: DictConfig, console) -> int:
                             "sim_s": round(clock["t"] - t0, 2), "wall_s": round(time.monotonic() - t_start, 2)})
             console.print(f"episode {k} (seed {seed + k}): {'success' if success else 'failure'} "
                           f"in {results[-1]['sim_s']} s sim, {results[-1]['wall_s']} s wall")
+        t_diag = time.monotonic() + 1.5  # one more round of /diagnostics, with the final counters
+        spin_until(lambda: time.monotonic() >= t_diag, 3.0, "final diagnostics")
+        cpu = _cpu_seconds(out / "run_launch.log")
     finally:
         node.destroy_node()
         rclpy.shutdown(context=ctx)
@@ -135,5 +157,6 @@ def run(cfg: DictConfig, console) -> int:
                   f"{np.mean([r['sim_s'] for r in results]):.2f}", f"{np.mean([r['wall_s'] for r in results]):.2f}")
     console.print(table)
     (out / "run.json").write_text(json.dumps({"task": task, "mode": cfg.mode, "episodes": n, "successes": s,
-                                              "ci95": [lo, hi], "per_episode": results}, indent=2))
+                                              "ci95": [lo, hi], "per_episode": results, "cpu_s": cpu,
+                                              "diagnostics": diagnostics}, indent=2))
     return 0

@@ -36,7 +36,10 @@ def test_colcon_builds_the_package_with_node_executables(tmp_path):
     assert {p.name for p in (inst / "share" / "robot_rl" / "launch").iterdir()} >= {
         "sim_bringup.launch.yaml", "robot_bringup.launch.xml"}
     assert (inst / "share" / "robot_rl" / "hardware_configs" / "franka_panda.yaml").exists()
-    nodes = {"sim_world", "camera_node", "ft_node", "arm_node", "episode_manager"}
+    from importlib import metadata
+
+    nodes = {ep.name for ep in metadata.entry_points(group="robot_rl.nodes")}
+    assert {"sim_world", "camera_node", "ft_node", "arm_node", "episode_manager", "policy_server"} <= nodes
     assert {p.name for p in (inst / "lib" / "robot_rl").iterdir()} == nodes
     # an installed executable runs: a missing hardware config is its one-line error
     exe = inst / "lib" / "robot_rl" / "arm_node"

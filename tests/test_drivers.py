@@ -239,7 +239,7 @@ def test_shipped_launch_files_follow_the_supported_schema(name):
 
 
 @pytest.mark.parametrize("text, args, match", [
-    ("launch:\n- include: {file: x.launch.yaml}\n", {}, "<include> .* is not supported"),
+    ("launch:\n- group: {scoped: 'true'}\n", {}, "<group> .* is not supported"),
     ("launch:\n- node: {pkg: robot_rl, exec: arm_node, respawn_delay: '1'}\n", {}, "unsupported attribute 'respawn_delay'"),
     ("launch:\n- node: {pkg: robot_rl, exec: teleporter}\n", {}, "no node 'teleporter'"),
     ("launch:\n- arg: {name: a}\n", {}, "launch argument 'a' is required"),

@@ -40,6 +40,7 @@ def build(cfg, _rt_note, stop):
     poses: deque[tuple[float, np.ndarray]] = deque(maxlen=200)  # measured ee poses by stamp
     episode = {"id": None, "t": None}
     pending: deque = deque()  # chunks waiting for their episode state or their measured pose
+    latency_ms: deque[float] = deque(maxlen=1000)
     pub = node.create_publisher(MultiDOFJointTrajectory, "arm/target", qos("command"))
     diag, meter = Diagnostics(node), RateMeter()
 
@@ -70,11 +71,14 @@ def build(cfg, _rt_note, stop):
             deltas = [(p[:3], Rotation.from_quat(p[3:], scalar_first=True).as_rotvec(), g) for _, p, g in chunk]
             now = stamp_to_sec(node.get_clock().now().to_msg())
             targets = ex.execute(t_obs, deltas, now)
+            latency_ms.append(1e3 * (now - t_obs))  # observation to targets, on the node clock
             if targets:
                 pub.publish(targets_to_msg(t_obs, targets))
             meter.tick()
+        lat = np.asarray(latency_ms) if latency_ms else np.zeros(1)
         diag.maybe_publish({"chunks_per_s": meter.rate(), "chunks": ex.chunks, "late_targets": ex.late,
-                            "pending": len(pending)})
+                            "targets": ex.composed, "pending": len(pending), "obs_to_target_p50_ms": float(np.median(lat)),
+                            "obs_to_target_p99_ms": float(np.percentile(lat, 99))})
 
     def on_pose(m) -> None:
         with lock:

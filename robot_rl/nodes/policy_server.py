@@ -158,8 +158,9 @@ def build(cfg, _rt_note, stop):
                                          for k, (dp, dr, g) in enumerate(deltas)])
                 chunk_pub.publish(msg)
                 meter.tick()
+            lat = np.asarray(agent.latencies_ms[-1000:] or [0.0])
             diag.maybe_publish({"chunks_per_s": meter.rate(), "sampler": sampler, "device": device,
-                                "latency_p50_ms": float(np.median(agent.latencies_ms[-50:])) if agent.latencies_ms else 0.0,
+                                "inference_p50_ms": float(np.median(lat)), "inference_p99_ms": float(np.percentile(lat, 99)),
                                 "episode": ep["episode"]})
             time.sleep(0)
 
