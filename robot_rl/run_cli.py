@@ -107,8 +107,9 @@ def run(cfg: DictConfig, console) -> int:
             if pred():
                 return
             if launch.poll() is not None:
-                raise RunError(f"the ROS graph exited while waiting for {what}; see {out / 'run_launch.log'}: "
-                               f"{(out / 'run_launch.log').read_text().strip().splitlines()[-1:]}")
+                log.flush()
+                last = ((out / "run_launch.log").read_text().strip().splitlines() or [""])[-1]
+                raise RunError(f"the ROS graph stopped while waiting for {what} ({out / 'run_launch.log'}): {last}")
         raise RunError(f"timed out after {timeout:.0f} s waiting for {what}; see {out / 'run_launch.log'}")
 
     def call(client, request, what: str):

@@ -108,3 +108,19 @@ def test_robot_rl_run_prints_a_success_table(tmp_path):
     result = json.loads((tmp_path / "run" / "run.json").read_text())
     assert result["episodes"] == 2 and [e["seed"] for e in result["per_episode"]] == [100000, 100001]
     assert all(e["sim_s"] >= 4.9 for e in result["per_episode"] if not e["success"])
+
+
+def test_a_checkpoint_that_does_not_fit_the_graph_is_refused_with_one_line(tmp_path):
+    env = make_env("lift")  # reads the cube's pose, which the reach cell does not have
+    keys = {"state.ee_pose": 7, "state.object.cube": 7}
+    cfg = PolicyConfig(state_keys=tuple(keys), state_dims=keys, down_dims=(16, 32, 64))
+    stats = {k: {"min": [-1.0] * d, "max": [1.0] * d} for k, d in {**keys, "action": 7}.items()}
+    save_policy(ConsistencyPolicy(cfg, Normalizer.from_stats(stats, [*keys, "action"])), tmp_path / "ckpt",
+                env.robot_spec.policy_subset(list(keys)), {"task": "reach"})
+    env.close()
+    r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "run", f"ckpt={tmp_path / 'ckpt'}", "episodes=1",
+                        f"out={tmp_path / 'run'}"], env=ros_env(fresh_domain()), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "required node 'policy_server'" in r.stderr and "does not fit this graph" in r.stderr
+    assert "state.object.cube" in r.stderr
