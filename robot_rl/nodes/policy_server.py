@@ -116,10 +116,20 @@ def build(cfg, _rt_note, stop):
             lock.notify_all()
 
     node.create_subscription(String, "episode/state", on_episode, qos("latched"))
+    # warm-up before serving: the first inferences pay for allocation and kernel selection (~0.5 s on a CPU)
+    dummy = {k: np.zeros(pcfg.state_dims[k], np.float32) for k in pcfg.state_keys}
+    for k in pcfg.image_keys:
+        cam = graph.camera(k.split(".", 1)[1])
+        dummy[k] = np.zeros((cam.policy_height, cam.policy_width, 3), np.uint8)
+    agent.reset(policy_rng(0))
+    for _ in range(3 * agent.n_act):
+        agent.act(dummy)
+    warmup_ms = agent.latencies_ms[:]
+    agent.latencies_ms.clear()
     chunk_pub = node.create_publisher(MultiDOFJointTrajectory, "policy/chunk", qos("command"))
     diag, meter = Diagnostics(node), RateMeter()
-    node.get_logger().info(f"policy_server: {policy.kind} from {p['ckpt']} on {device}, sampler {sampler}, "
-                           f"keys {list(bufs)}")
+    node.get_logger().info(f"policy_server ready: {policy.kind} from {p['ckpt']} on {device}, sampler {sampler}, "
+                           f"keys {list(bufs)}; warm-up chunks {', '.join(f'{x:.0f}' for x in warmup_ms)} ms")
 
     def observation(t: float) -> dict | None:
         obs = {}
