@@ -55,13 +55,18 @@ def _in_process(policy, seed: int) -> np.ndarray:
     return np.array(poses)
 
 
-def _through_ros(probe: Probe, proc, log) -> np.ndarray:
+def _through_ros(probe: Probe, episode: int, proc, log) -> np.ndarray:
     """One episode (reset, start, STEPS policy steps, stop): the ee pose at each policy step."""
     reset = probe.call(Trigger, "/episode/reset", Trigger.Request(), timeout=60)
     assert reset.success, reset.message
     assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
-    probe.wait_for(lambda: json.loads(probe.latest("/episode/state").data)["state"] == "running", 30, "running", proc, log)
-    t0 = json.loads(probe.latest("/episode/state").data)["t"]
+
+    def running():
+        m = probe.latest("/episode/state")
+        state = json.loads(m.data) if m is not None else {}
+        return state if state.get("state") == "running" and state.get("episode") == episode else None
+
+    t0 = probe.wait_for(running, 30, f"episode {episode} running", proc, log)["t"]
 
     def at(k: int):
         with probe.lock:
@@ -87,7 +92,7 @@ def test_lockstep_rollouts_through_ros_match_the_in_process_rollouts(tmp_path):
         try:
             probe.subscribe("/arm/ee_pose", PoseStamped, qos("state"))
             probe.subscribe("/episode/state", String, qos("latched"))
-            got = [_through_ros(probe, proc, log) for _ in range(2)]  # the second checks episode boundaries
+            got = [_through_ros(probe, k, proc, log) for k in range(2)]  # the second checks episode boundaries
         finally:
             probe.close()
         assert stop(proc) == 0
