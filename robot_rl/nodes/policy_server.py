@@ -50,10 +50,12 @@ def build(cfg, _rt_note, stop):
 
     node = Node("policy_server")
     p = declare(node, {"hardware_config": cfg.source, "ckpt": "", "sampler": "auto", "device": "auto",
-                       "sim.task": cfg.sim.task})
+                       "sim.task": cfg.sim.task, "cpu_threads": 1})
     if not p["ckpt"]:
         raise ValueError("policy_server: set the checkpoint: -p ckpt:=<folder>")
     device = "cuda" if p["device"] == "auto" and torch.cuda.is_available() else ("cpu" if p["device"] == "auto" else p["device"])
+    if device == "cpu":  # beside the sim and drivers, one intra-op thread: no OpenMP barrier waits on a busy core
+        torch.set_num_threads(max(1, int(p["cpu_threads"])))
     policy = load_policy(p["ckpt"], device)
     graph = cfg.robot_spec()
     if cfg.is_sim:  # the sim offers its task's sim-only keys too
