@@ -9,7 +9,8 @@ at t_obs is stamped t_obs + (k+1)·dt; a target whose time has passed is compose
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,10 +26,20 @@ class ChunkExecutor:
     late: int = 0  # targets skipped because their time had passed (deadline misses)
     composed: int = 0  # targets composed in all
     chunks: int = 0
+    history: deque = field(default_factory=lambda: deque(maxlen=64))  # (stamp, target) composed so far
+
+    def _base(self, t_obs: float) -> np.ndarray:
+        """The commanded target at the observation time: a chunk planned ahead (before the previous one
+        ran out) composes from there, and its targets replace the previous chunk's tail."""
+        for stamp, target in reversed(self.history):
+            if stamp <= t_obs + 1e-9:
+                return target.copy()
+        return self.target.copy()
 
     def reset(self, measured_pose: np.ndarray) -> None:
         """Control (re)starts here: the commanded target is the measured pose."""
         self.target = np.asarray(measured_pose, dtype=np.float64).copy()
+        self.history.clear()
 
     def execute(self, t_obs: float, deltas: list[tuple[np.ndarray, np.ndarray, float | None]], now: float,
                 ) -> list[tuple[float, np.ndarray, float | None]]:
@@ -37,10 +48,14 @@ class ChunkExecutor:
             raise RuntimeError("executor: no measured pose yet (reset() at episode start)")
         out = []
         lo, hi = np.asarray(self.workspace_low), np.asarray(self.workspace_high)
+        self.target = self._base(t_obs)
+        while self.history and self.history[-1][0] > t_obs + 1e-9:
+            self.history.pop()  # replaced by this chunk
         for k, (dpos, drot, gripper) in enumerate(deltas):
             self.target = apply_delta(self.target, dpos, drot)
             self.target[:3] = np.clip(self.target[:3], lo, hi)
             stamp = t_obs + (k + 1) * self.dt
+            self.history.append((stamp, self.target.copy()))
             self.composed += 1
             if stamp <= now:
                 self.late += 1

@@ -84,7 +84,9 @@ def run(cfg: DictConfig, console) -> int:
     domain = int(os.environ.get("ROS_DOMAIN_ID", "0"))
     args = [sys.executable, "-m", "robot_rl.cli", "launch", "sim_policy", f"ckpt:={Path(cfg.ckpt).resolve()}",
             f"hardware_config:={hw.source}", f"task:={task}", f"mode:={cfg.mode}", f"seed:={seed}",
-            f"sampler:={cfg.sampler or 'auto'}", f"device:={cfg.device}"]
+            f"sampler:={cfg.sampler or 'auto'}", f"device:={cfg.device}",
+            # real time: the next chunk is planned one step early, so it is there before the current one ends
+            f"plan_ahead:={1 if cfg.mode == 'realtime' else 0}"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "run_launch.log", "w")

@@ -40,3 +40,20 @@ def test_sim_world_matches_env_step_for_targets_one_by_one_and_in_chunks(tmp_pat
         world.close()
         env.close()
     assert max(errors) < 1e-6, f"sim_world drifted from env.step by {max(errors):.2e}"  # rounding only
+
+
+def test_a_chunk_planned_ahead_composes_from_the_target_at_its_observation_time():
+    from robot_rl.geometry import apply_delta
+
+    ex = ChunkExecutor((0.0, -1.0, 0.0), (1.0, 1.0, 1.0), dt=0.1)
+    start = np.array([0.5, 0.0, 0.3, 0.0, 1.0, 0.0, 0.0])
+    ex.reset(start)
+    step = (np.array([0.01, 0.0, 0.0]), np.zeros(3), None)
+    first = ex.execute(0.0, [step] * 8, now=0.0)
+    assert [round(t, 3) for t, _, _ in first] == [round(0.1 * k, 3) for k in range(1, 9)]
+    # planned one step early, from the observation at 0.7: composes on the target stamped 0.7
+    up = (np.array([0.0, 0.0, 0.01]), np.zeros(3), None)
+    second = ex.execute(0.7, [up] * 8, now=0.7)
+    np.testing.assert_allclose(second[0][1], apply_delta(first[6][1], *up[:2]))
+    assert round(second[0][0], 3) == 0.8 and [round(t, 3) for t, _ in ex.history][-8:] == [
+        round(0.7 + 0.1 * k, 3) for k in range(1, 9)], "the new plan replaces the old tail"

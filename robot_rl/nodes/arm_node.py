@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import deque
 
 import numpy as np
 
@@ -42,13 +43,14 @@ def build(cfg, _rt_note, stop):
     arm = ARM_BACKENDS[cfg.arm.backend](cfg, default_link_dir(p["sim.link"]))
     lock = threading.Lock()
     estop = EStop()
-    last = {"state": None, "target": None, "target_t": None}
+    last = {"state": None}
+    accepted: deque[tuple[float, np.ndarray]] = deque(maxlen=64)  # targets passed on, by stamp
     counts = {"accepted": 0, "refused": 0, "limited": 0, "during_estop": 0}
     diag, meter = Diagnostics(node), RateMeter()
 
     def hold(why: str) -> None:
         arm.hold()
-        last["target"] = None
+        accepted.clear()
         diag.error(why)
 
     def on_target(msg) -> None:
@@ -65,19 +67,19 @@ def build(cfg, _rt_note, stop):
             if state is None:
                 return hold("arm: target before the first arm state; holding")
             if state.holding:  # the backend holds (reset, stop, watchdog): a new stream starts from the measured pose
-                last["target"] = None
-            prev = last["target"] if last["target"] is not None else state.ee_pose
-            prev_t = last["target_t"] if last["target"] is not None else state.stamp
+                accepted.clear()
             for t, pose, gripper in targets:
+                while accepted and accepted[-1][0] >= t:  # a newer plan replaces the tail (as the backend does)
+                    accepted.pop()
+                prev_t, prev = accepted[-1] if accepted else (state.stamp, state.ee_pose)
                 v = check_target(pose, prev, t - prev_t, limits)
                 if not v.ok:
                     counts["refused"] += 1
                     return hold(f"arm: target refused ({v.reason}); holding the measured pose")
                 counts["limited"] += v.limited
                 arm.command(t, v.target, gripper)
-                prev, prev_t = v.target, t
+                accepted.append((t, v.target))
                 counts["accepted"] += 1
-            last["target"], last["target_t"] = prev, prev_t
         return None
 
     def on_estop(msg) -> None:
@@ -93,7 +95,7 @@ def build(cfg, _rt_note, stop):
                     return resp
                 resp.message = fn() or "ok"
                 resp.success = True
-                last["target"] = None
+                accepted.clear()
             return resp
         return cb
 

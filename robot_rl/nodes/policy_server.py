@@ -50,7 +50,7 @@ def build(cfg, _rt_note, stop):
 
     node = Node("policy_server")
     p = declare(node, {"hardware_config": cfg.source, "ckpt": "", "sampler": "auto", "device": "auto",
-                       "sim.task": cfg.sim.task, "cpu_threads": 1})
+                       "sim.task": cfg.sim.task, "cpu_threads": 1, "plan_ahead": 0})
     if not p["ckpt"]:
         raise ValueError("policy_server: set the checkpoint: -p ckpt:=<folder>")
     device = "cuda" if p["device"] == "auto" and torch.cuda.is_available() else ("cpu" if p["device"] == "auto" else p["device"])
@@ -73,6 +73,9 @@ def build(cfg, _rt_note, stop):
     action = ActionSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in policy.spec_subset["action"].items()})
     dt = 1.0 / cfg.rates.policy_hz
     agent = ChunkAgent(policy, sampler, device)
+    plan_ahead = int(p["plan_ahead"])  # 0 = the in-process schedule (lock-step equivalence)
+    if not 0 <= plan_ahead < agent.n_act:
+        raise ValueError(f"policy_server: plan_ahead {plan_ahead} must be in [0, n_action_steps={agent.n_act})")
     pcfg = policy.cfg
     bufs: dict[str, deque] = {k: deque(maxlen=HISTORY) for k in (*pcfg.state_keys, *pcfg.image_keys)}
     tol = {k: 0.006 for k in bufs}  # half a 100 Hz period; cameras: half a frame period
@@ -162,6 +165,8 @@ def build(cfg, _rt_note, stop):
                     lock.wait(0.05)
                     continue
                 ep["t_next"] = round(t + dt, 9)
+            if 0 < plan_ahead and len(agent.queue) == plan_ahead:
+                agent.queue.clear()  # real time: plan the next chunk this many steps before this one runs out
             first = agent.act(obs)
             if len(agent.queue) == agent.n_act - 1:  # this step planned a new chunk: publish its executed part
                 actions = [first, *agent.queue]
