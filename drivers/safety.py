@@ -28,6 +28,7 @@ class SafetyLimits:
     max_angular_speed: float = 1.5  # rad/s
     action_clip: tuple[float, ...] = (1.0,) * 7  # per-axis |a| bound on normalised delta actions
     watchdog_periods: float = 2.0  # a stream older than this many of its periods is stale
+    watchdog_min_s: float = 0.0  # ... and older than this (the safety filter's stream watchdogs)
 
     def __post_init__(self):
         lo, hi = np.asarray(self.workspace_low), np.asarray(self.workspace_high)
@@ -92,9 +93,9 @@ class StreamWatchdog:
     """A stream is stale when its last sample is older than `periods` of its own period. The period
     is the median of recent inter-arrival times (the declared period until two samples arrived)."""
 
-    def __init__(self, declared_period: float, periods: float = 2.0, history: int = 10):
+    def __init__(self, declared_period: float, periods: float = 2.0, history: int = 10, min_age: float = 0.0):
         self.declared = declared_period
-        self.periods = periods
+        self.periods, self.min_age = periods, min_age
         self.last: float | None = None
         self._intervals: deque[float] = deque(maxlen=history)
 
@@ -111,7 +112,7 @@ class StreamWatchdog:
         return float("inf") if self.last is None else now - self.last
 
     def stale(self, now: float) -> bool:
-        return self.age(now) > self.periods * self.period
+        return self.age(now) > max(self.periods * self.period, self.min_age)
 
     def reset(self) -> None:
         self.last = None
@@ -135,3 +136,116 @@ class EStop:
             if not engaged:
                 self.released_at = now
         return changed
+
+
+WRENCH_SAMPLES = 3  # 30 ms at 100 Hz
+
+
+class SafetyGate:
+    """The safety filter's decision, in plain Python (`safety_filter` node wraps it): targets pass
+    only while no hold reason is active, and each passing target is re-checked against the limits
+    relative to the previous passed target (or the measured pose).
+
+    Hold reasons: `estop`; `wrench` (force above the limit; latched until `clear_latched`, i.e. the
+    next episode or an operator reset); `stream <topic>` (an observation stream older than
+    `watchdog_periods` of its own period, and at least `watchdog_min_s`); `policy heartbeat` (none for `watchdog_periods` policy
+    periods, or the server reports itself inactive); `refused` (a target failed the check; clears
+    when a later one passes). Stream and heartbeat watchdogs run only while `watch` is on (real
+    time: in lock-step the sim waits for every stream, so time cannot run away from a stalled one).
+    """
+
+    def __init__(self, limits: SafetyLimits, policy_period: float, wrench_limit: float, watch: bool = True):
+        self.limits, self.policy_period, self.wrench_limit, self.watch = limits, policy_period, wrench_limit, watch
+        self.streams: dict[str, StreamWatchdog] = {}
+        # a fixed period (no history): two policy periods, however often the server says it is alive
+        self.heartbeat = StreamWatchdog(policy_period, limits.watchdog_periods, history=0)
+        self.policy_active = False
+        self._over = 0  # consecutive wrench samples above the limit
+        self.reasons: dict[str, str] = {}
+        self.passed: deque[tuple[float, np.ndarray]] = deque(maxlen=64)  # targets passed on, by stamp
+        self.counts = {"passed": 0, "refused": 0, "limited": 0, "late": 0, "dropped_holding": 0}
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def watch_stream(self, topic: str, declared_period: float) -> None:
+        if topic not in self.streams:
+            self.streams[topic] = StreamWatchdog(declared_period, self.limits.watchdog_periods,
+                                                 min_age=self.limits.watchdog_min_s)
+
+    def feed(self, topic: str, stamp: float) -> None:
+        if topic in self.streams:
+            self.streams[topic].feed(stamp)
+
+    def beat(self, now: float, active: bool) -> None:
+        self.heartbeat.feed(now)
+        self.policy_active = active
+
+    def wrench(self, force: np.ndarray) -> None:
+        """Latch a hold when the force stays above the limit for WRENCH_SAMPLES samples in a row (a
+        single sample is an impact or noise; a sustained one is pushing on something)."""
+        f = float(np.linalg.norm(np.asarray(force, dtype=np.float64)[:3]))
+        self._over = self._over + 1 if not f <= self.wrench_limit else 0
+        if not np.isfinite(f) or self._over >= WRENCH_SAMPLES:
+            self.reasons["wrench"] = f"wrench {f:.1f} N above the limit {self.wrench_limit:.0f} N (latched)"
+
+    def estop(self, engaged: bool) -> None:
+        if engaged:
+            self.reasons["estop"] = "/estop engaged"
+        else:
+            self.reasons.pop("estop", None)
+
+    def clear_latched(self) -> None:
+        self.reasons.pop("wrench", None)
+        self.reasons.pop("refused", None)
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def update(self, now: float) -> dict[str, str]:
+        """Re-evaluate the watchdogs at `now` (node clock); the active hold reasons."""
+        for key in [k for k in self.reasons if k.startswith("stream ") or k == "policy heartbeat"]:
+            del self.reasons[key]
+        if self.watch:
+            for topic, w in self.streams.items():
+                if w.stale(now):
+                    age = w.age(now)
+                    self.reasons[f"stream {topic}"] = (f"stream {topic} stale: " + ("no message yet" if age == float("inf")
+                                                       else f"last {age * 1e3:.0f} ms ago, period {w.period * 1e3:.0f} ms"))
+            if self.heartbeat.stale(now):
+                age = self.heartbeat.age(now)
+                self.reasons["policy heartbeat"] = "policy server heartbeat " + (
+                    "never received" if age == float("inf") else f"missing for {age * 1e3:.0f} ms")
+        if not self.policy_active:
+            self.reasons["policy heartbeat"] = "policy server inactive"
+        return self.reasons
+
+    def filter(self, targets: list[tuple[float, np.ndarray, float | None]], measured: np.ndarray, measured_stamp: float,
+               now: float) -> tuple[list, str]:
+        """The targets that may go to the arm (shortened where needed) and '' or why the message was
+        refused. Targets whose time has passed are dropped (never shifted); the rest are checked in
+        order; one refusal refuses the message."""
+        if any(k != "refused" for k in self.update(now)):
+            self.counts["dropped_holding"] += 1
+            return [], ""
+        out = []
+        for t, pose, gripper in targets:
+            if not np.isfinite(t) or t > now + 5.0:
+                return self._refuse(f"target stamped {t - now:+.2f} s from now (stale clock or garbage)")
+            if t <= now:
+                self.counts["late"] += 1
+                continue
+            while self.passed and self.passed[-1][0] >= t:  # a newer plan replaces the tail
+                self.passed.pop()
+            prev_t, prev = self.passed[-1] if self.passed else (measured_stamp, measured)
+            v = check_target(pose, prev, t - prev_t, self.limits)
+            if not v.ok:
+                return self._refuse(v.reason)
+            self.counts["limited"] += v.limited
+            self.passed.append((t, v.target))
+            out.append((t, v.target, gripper))
+        self.reasons.pop("refused", None)
+        self.counts["passed"] += len(out)
+        return out, ""
+
+    def _refuse(self, why: str) -> tuple[list, str]:
+        self.counts["refused"] += 1
+        self.reasons["refused"] = f"target refused: {why}"
+        self.passed.clear()
+        return [], why

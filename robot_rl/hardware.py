@@ -59,6 +59,7 @@ class SafetySection:
     max_angular_speed: float = 1.5
     action_clip: tuple[float, ...] = (1.0,) * 7
     watchdog_periods: float = 2.0
+    watchdog_min_ms: float = 50.0  # a stream is never stale sooner: Python nodes on a busy host jitter by tens of ms
     wrench_limit: float = 40.0  # N: the safety filter holds above this (policy-server issue)
 
 
@@ -122,7 +123,8 @@ class HardwareConfig:
 
         s = self.safety
         return SafetyLimits(s.workspace_low, s.workspace_high, s.nominal_quat, float(np.deg2rad(s.max_tilt_deg)),
-                            s.max_speed, s.max_angular_speed, s.action_clip, s.watchdog_periods)
+                            s.max_speed, s.max_angular_speed, s.action_clip, s.watchdog_periods,
+                            s.watchdog_min_ms / 1e3)
 
     def robot_spec(self) -> RobotSpec:
         """The spec this cell offers the stack: arm state, wrench, cameras at policy resolution."""

@@ -4,13 +4,16 @@ ROS 2's launch system is not installed. The same files stay valid for `ros2 laun
 Supported subset (anything else is refused with one clear line):
   arg(name, default, description) · let(name, value) · set_env(name, value)
   include(file) with arg(name, value) children: another launch file's processes, with its arguments
-  node(pkg, exec, name, namespace, output, on_exit, args) with children
+  node(pkg, exec, name, namespace, output, on_exit, respawn, respawn_delay, args) with children
       param(name, value | from) · remap(from, to) · env(name, value)
   executable(cmd, name, cwd, output, on_exit) with env children
   substitutions: $(var NAME) · $(env NAME [DEFAULT]) · $(find-pkg-share PKG) · $(dirname)
 `pkg`/`exec` resolve through the `robot_rl.nodes` entry points (robot_rl) or the ament index
 (lib/<pkg>/<exec> under AMENT_PREFIX_PATH). A node with `on_exit: shutdown` is required: when it
-exits, everything stops and the launcher says which node and why. SIGINT/SIGTERM are forwarded.
+exits, everything stops and the launcher says which node and why. A node with `respawn: true` is
+restarted `respawn_delay` seconds after it exits — unless it exits with status 2, a configuration
+error a restart would only repeat: then the launch stops as for a required node. SIGINT/SIGTERM are
+forwarded.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ SCHEMA: dict[str, tuple[set[str], set[str]]] = {  # tag -> (attributes, child ta
     "arg": ({"name", "default", "description", "value"}, set()),
     "let": ({"name", "value"}, set()),
     "set_env": ({"name", "value"}, set()),
-    "node": ({"pkg", "exec", "name", "namespace", "output", "on_exit", "args"}, {"param", "remap", "env"}),
+    "node": ({"pkg", "exec", "name", "namespace", "output", "on_exit", "respawn", "respawn_delay", "args"},
+             {"param", "remap", "env"}),
     "executable": ({"cmd", "name", "cwd", "output", "on_exit"}, {"env"}),
     "param": ({"name", "value", "from"}, set()),
     "remap": ({"from", "to"}, set()),
@@ -171,6 +175,7 @@ class Process:
     required: bool
     output: str = "screen"
     cwd: str | None = None
+    respawn: float | None = None  # restart delay (s) of a respawning node
     proc: subprocess.Popen | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=5))
 
@@ -227,8 +232,14 @@ def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None =
                 cmd = resolve_exec(a["pkg"], a["exec"], src) + shlex.split(a.get("args", ""))
                 name = a.get("name", a["exec"])
                 cmd += _ros_args(e, a, variables, src)
+            respawn = None
+            if a.get("respawn", "false") == "true":
+                try:
+                    respawn = float(a.get("respawn_delay", "0"))
+                except ValueError:
+                    raise LaunchError(f"{src}: respawn_delay '{a['respawn_delay']}' of node '{name}' is not a number") from None
             procs.append(Process(name, cmd, penv, a.get("on_exit") == "shutdown", a.get("output", "screen"),
-                                 a.get("cwd")))
+                                 a.get("cwd"), respawn))
     return procs
 
 
@@ -267,19 +278,32 @@ class Launcher:
                 if p.output != "log":
                     print(f"[{p.name}] {line}", flush=True)
 
+    def _start(self, p: Process) -> None:
+        p.proc = subprocess.Popen(p.cmd, env=p.env, cwd=p.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, bufsize=1, start_new_session=True)
+        threading.Thread(target=self._pump, args=(p,), daemon=True).start()
+        print(f"[launch] started {p.name} (pid {p.proc.pid})", flush=True)
+
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
         try:
             for p in self.procs:
-                p.proc = subprocess.Popen(p.cmd, env=p.env, cwd=p.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, bufsize=1, start_new_session=True)
-                threading.Thread(target=self._pump, args=(p,), daemon=True).start()
-                print(f"[launch] started {p.name} (pid {p.proc.pid})", flush=True)
+                self._start(p)
+            exited: dict[str, float] = {}  # respawning nodes waiting for their restart
             while not self.stopping.wait(0.1):
                 for p in self.procs:
                     rc = p.proc.poll()
-                    if rc is not None and p.required and not self.stopping.is_set():
+                    if rc is None or self.stopping.is_set():
+                        continue
+                    if p.respawn is not None and rc != 2:
+                        if p.name not in exited:
+                            exited[p.name] = time.monotonic()
+                            print(f"[launch] {p.name} exited with status {rc}; respawning in {p.respawn:g} s", flush=True)
+                        elif time.monotonic() - exited[p.name] >= p.respawn:
+                            del exited[p.name]
+                            self._start(p)
+                    elif p.required or p.respawn is not None:
                         time.sleep(0.2)  # let the output pump catch the last lines
                         why = p.tail[-1] if p.tail else "no output"
                         self.reason = f"required node '{p.name}' exited with status {rc}: {why}"

@@ -45,6 +45,14 @@ class ChunkAgent:
         self.features: OrderedDict = OrderedDict()  # (step, image key) -> features, each frame once
         self.generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
 
+    def swap_policy(self, policy: DiffusionPolicy) -> None:
+        """New weights between two steps (same architecture): the window's frames are re-encoded with
+        the new encoder; the queued actions of the current chunk still run."""
+        self.policy = policy.eval()
+        self.features.clear()
+        for step, obs in self.obs:
+            self._encode(step, obs)
+
     def _window(self) -> list[tuple[int, dict]]:
         items = list(self.obs)
         while len(items) < self.n_obs:  # episode start: repeat the first observation

@@ -1,7 +1,10 @@
 """`action_executor`: turns each action chunk (`policy/chunk`, delta poses stamped with the observation
-time) into absolute, time-stamped end-effector targets on `arm/target` (robot_rl.executor.ChunkExecutor):
-composed on the commanded target, which resets to the measured pose when an episode starts; targets
-whose time has passed are skipped, never shifted. Reports late targets and chunks in /diagnostics."""
+time) into absolute, time-stamped end-effector targets on `policy/target` (robot_rl.executor.ChunkExecutor)
+for the intervention mux / safety filter: composed on the commanded target, which resets to the
+measured pose when an episode starts and after every hold of the safety filter (`safety/state`:
+control changes hands); targets whose time has passed are skipped, never shifted. Reports late
+targets and chunks in /diagnostics. Lifecycle node: deactivate sends the hold last (one target at
+the measured pose, which replaces the buffered tail downstream)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from scipy.spatial.transform import Rotation
 from robot_rl.executor import ChunkExecutor
 from robot_rl.nodes.common import (
     Diagnostics,
+    Lifecycle,
     RateMeter,
     declare,
     msg_to_pose,
@@ -28,12 +32,12 @@ from robot_rl.nodes.common import (
 
 def build(cfg, _rt_note, stop):
     from geometry_msgs.msg import PoseStamped
-    from rclpy.node import Node
+    from rclpy.lifecycle import LifecycleNode
     from std_msgs.msg import String
     from trajectory_msgs.msg import MultiDOFJointTrajectory
 
-    node = Node("action_executor")
-    declare(node, {"hardware_config": cfg.source})
+    node = LifecycleNode("action_executor")
+    p = declare(node, {"hardware_config": cfg.source, "autostart": True})
     s = cfg.safety
     ex = ChunkExecutor(s.workspace_low, s.workspace_high, 1.0 / cfg.rates.policy_hz)
     lock = threading.Lock()
@@ -41,7 +45,7 @@ def build(cfg, _rt_note, stop):
     episode = {"id": None, "t": None}
     pending: deque = deque()  # chunks waiting for their episode state or their measured pose
     latency_ms: deque[float] = deque(maxlen=1000)
-    pub = node.create_publisher(MultiDOFJointTrajectory, "arm/target", qos("command"))
+    pub = node.create_publisher(MultiDOFJointTrajectory, "policy/target", qos("command"))
     diag, meter = Diagnostics(node), RateMeter()
 
     def pose_at(t: float) -> np.ndarray | None:
@@ -103,12 +107,38 @@ def build(cfg, _rt_note, stop):
             diag.error(f"executor: malformed chunk ({e}); ignored")
             return
         with lock:
+            if not life.active.is_set():
+                return
             pending.append((stamp_to_sec(m.header.stamp), chunk))
             process()
+
+    def on_safety(m) -> None:
+        try:
+            holding = json.loads(m.data).get("state") == "hold"
+        except (ValueError, AttributeError):
+            return
+        with lock:
+            if holding:  # the arm holds its measured pose: control restarts from there with the next chunk
+                ex.target = None
+                pending.clear()
+
+    def on_deactivate() -> None:
+        with lock:
+            pending.clear()
+            ex.target = None
+            if poses:  # last: one target at the measured pose replaces whatever is buffered downstream
+                stamp, pose = poses[-1]
+                now = stamp_to_sec(node.get_clock().now().to_msg())
+                pub.publish(targets_to_msg(now, [(max(now, stamp) + ex.dt, pose, None)]))
+
+    life = Lifecycle(node, on_deactivate=on_deactivate)
 
     node.create_subscription(PoseStamped, "arm/ee_pose", on_pose, qos("state"))
     node.create_subscription(String, "episode/state", on_episode, qos("latched"))
     node.create_subscription(MultiDOFJointTrajectory, "policy/chunk", on_chunk, qos("command"))
+    node.create_subscription(String, "safety/state", on_safety, qos("latched"))
+    if p["autostart"]:
+        life.autostart()
     return node, None
 
 

@@ -200,6 +200,53 @@ class Diagnostics:
         self.pub.publish(arr)
 
 
+# ---- lifecycle ------------------------------------------------------------------------------------
+class Lifecycle:
+    """Managed-node transitions (`rclpy.lifecycle`) from plain functions. `configure` does the heavy
+    set-up (a ValueError fails the transition with its message); `activate` / `deactivate` flip
+    `active`, which the node's callbacks consult; `deactivate` runs the node's hold last. With
+    `autostart` (default) the node configures and activates itself, so a plain launch file needs no
+    lifecycle manager; `<node>/change_state` still deactivates and re-activates it at any time."""
+
+    def __init__(self, node, configure=None, on_activate=None, on_deactivate=None):
+        from rclpy.lifecycle import ManagedEntity, TransitionCallbackReturn
+
+        self.node, self.active, self.error = node, threading.Event(), ""
+        ok, fail = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+        life = self
+
+        class _Entity(ManagedEntity):
+            def on_configure(self, _state):
+                try:
+                    if configure is not None:
+                        configure()
+                except ValueError as e:
+                    life.error = str(e)
+                    return fail
+                return ok
+
+            def on_activate(self, _state):
+                life.active.set()
+                if on_activate is not None:
+                    on_activate()
+                return ok
+
+            def on_deactivate(self, _state):
+                life.active.clear()
+                if on_deactivate is not None:
+                    on_deactivate()
+                return ok
+
+        node.add_managed_entity(_Entity())
+
+    def autostart(self) -> None:
+        from rclpy.lifecycle import TransitionCallbackReturn
+
+        if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            raise ValueError(self.error or f"{self.node.get_name()}: configure failed")
+        self.node.trigger_activate()
+
+
 # ---- process entry ------------------------------------------------------------------------------------
 def declare(node, params: dict[str, Any]) -> dict[str, Any]:
     """Declare parameters with defaults (from the hardware config); return the effective values."""

@@ -56,6 +56,21 @@ def stop(proc: subprocess.Popen, grace: float = 15.0) -> int:
     return proc.returncode
 
 
+def node_pid(launcher: subprocess.Popen, name: str) -> int:
+    """The pid of the launched node named `name` (a child of the launcher: `-r __node:=<name>`)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher.pid and f"__node:={name}".encode() in cmd:
+            return int(d.name)
+    raise AssertionError(f"no running node '{name}' under launcher pid {launcher.pid}")
+
+
 class Probe:
     """A test-side node: subscribe to anything, record (receive time, message), call services."""
 

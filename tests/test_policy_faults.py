@@ -1,0 +1,173 @@
+"""Faults through the whole policy graph in real time (`launch/sim_policy`, an image policy reading
+the wrist camera): a frozen camera, a latched e-stop while the executor keeps sending, a killed
+policy server (held within two policy periods, respawned, back in control), a checkpoint swapped in
+by a weights announcement — and no target that reaches the arm ever leaves the workspace."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test` (extra 'ros')")
+torch = pytest.importorskip("torch")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import PoseStamped  # noqa: E402
+from robot_rl.policies.checkpoint import read_config, save_policy  # noqa: E402
+from robot_rl.policies.consistency import ConsistencyPolicy  # noqa: E402
+from robot_rl.policies.diffusion import PolicyConfig  # noqa: E402
+from robot_rl.policies.normalizer import Normalizer  # noqa: E402
+from std_msgs.msg import Bool, String  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+from trajectory_msgs.msg import MultiDOFJointTrajectory  # noqa: E402
+
+from robot_rl.hardware import load_hardware_config  # noqa: E402
+from robot_rl.nodes.common import msg_to_pose, msg_to_targets, qos  # noqa: E402
+from tests.helpers.ros import Probe, fresh_domain, launched, node_pid, ros_env  # noqa: E402
+
+KEYS = {"state.ee_pose": 7}
+POLICY_PERIOD = 0.1
+
+
+def image_checkpoint(path, seed: int = 0) -> None:
+    """A one-step policy reading the wrist camera and the ee pose, random (deterministic) weights."""
+    torch.manual_seed(seed)
+    cfg = PolicyConfig(state_keys=tuple(KEYS), image_keys=("image.wrist",), state_dims=KEYS, down_dims=(16, 32, 64),
+                       step_embed_dim=32, image_crop=76, image_feature_dim=32)
+    stats = {k: {"min": [-1.0] * d, "max": [1.0] * d} for k, d in {**KEYS, "action": 7}.items()}
+    policy = ConsistencyPolicy(cfg, Normalizer.from_stats(stats, [*KEYS, "action"])).eval()
+    subset = load_hardware_config("sim").robot_spec().policy_subset([*KEYS, "image.wrist"])
+    subset["action"]["mask"] = [True, True, True, False, False, False, True]  # translation only: no tilt refusals
+    save_policy(policy, path, subset, {"task": "reach"})
+
+
+def safety_state(probe: Probe) -> dict:
+    m = probe.latest("/safety/state")
+    return json.loads(m.data) if m is not None else {}
+
+
+def holding_since(probe: Probe, t0: float, needle: str) -> float | None:
+    """Receive time of the first hold state after t0 whose reasons mention `needle`."""
+    with probe.lock:
+        for t, m in probe.msgs["/safety/state"]:
+            s = json.loads(m.data)
+            if t >= t0 and s["state"] == "hold" and any(needle in r for r in s["reasons"]):
+                return t
+    return None
+
+
+def arm_targets_since(probe: Probe, t0: float) -> int:
+    with probe.lock:
+        return sum(1 for t, _ in probe.msgs["/arm/target"] if t >= t0)
+
+
+def ee_positions(probe: Probe, t0: float, t1: float) -> np.ndarray:
+    with probe.lock:
+        return np.array([msg_to_pose(m.pose)[:3] for t, m in probe.msgs["/arm/ee_pose"] if t0 <= t <= t1])
+
+
+def diagnostic(probe: Probe, node: str) -> dict:
+    with probe.lock:
+        for _, arr in reversed(probe.msgs["/diagnostics"]):
+            for st in arr.status:
+                if st.name.endswith(node):
+                    return {"message": st.message, **{kv.key: kv.value for kv in st.values}}
+    return {}
+
+
+def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
+    image_checkpoint(tmp_path / "ckpt")
+    image_checkpoint(tmp_path / "ckpt_v2", seed=1)
+    cfg = load_hardware_config("sim")
+    lo, hi = np.array(cfg.safety.workspace_low), np.array(cfg.safety.workspace_high)
+    domain, log = fresh_domain(), tmp_path / "launch.log"
+    args = ["sim_policy", f"ckpt:={tmp_path / 'ckpt'}", "task:=reach", "mode:=realtime", "plan_ahead:=1"]
+    with launched(args, ros_env(domain), log) as proc:
+        probe = Probe(domain)
+        try:
+            probe.subscribe("/safety/state", String, qos("latched"))
+            probe.subscribe("/policy/info", String, qos("latched"))
+            probe.subscribe("/arm/target", MultiDOFJointTrajectory, qos("command"))
+            probe.subscribe("/policy/target", MultiDOFJointTrajectory, qos("command"))
+            probe.subscribe("/arm/ee_pose", PoseStamped, qos("state"))
+            probe.subscribe("/diagnostics", DiagnosticArray, 10)
+            estop = probe.node.create_publisher(Bool, "/estop", qos("latched"))
+            weights = probe.node.create_publisher(String, "/policy/weights", qos("latched"))
+            reset = probe.call(Trigger, "/episode/reset", Trigger.Request(), timeout=90)
+            assert reset.success, reset.message
+            assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
+
+            def in_control(what: str, timeout: float = 60) -> None:
+                """The safety state is ok and fresh targets reach the arm."""
+                t = time.monotonic()
+                probe.wait_for(lambda: safety_state(probe).get("state") == "ok" and arm_targets_since(probe, t) >= 16,
+                               timeout, what, proc, log)
+
+            in_control("policy targets reaching the arm", 120)
+            info = json.loads(probe.latest("/policy/info").data)
+            assert info["version"] == 0 and "wrist/image_policy" in info["streams"]
+
+            # 1. a frozen camera: held, the diagnostics name the stream; thawed: control comes back
+            cam = node_pid(proc, "camera_wrist")
+            t_freeze = time.monotonic()
+            os.kill(cam, signal.SIGSTOP)
+            try:
+                probe.wait_for(lambda: holding_since(probe, t_freeze, "wrist/image_policy"), 5, "hold on a frozen camera")
+                time.sleep(1.5)  # the diagnostics (1 Hz) catch up
+                diag = diagnostic(probe, "safety_filter")
+                assert "wrist/image_policy" in diag.get("reasons", ""), diag
+                t_hold = holding_since(probe, t_freeze, "wrist/image_policy")
+                assert arm_targets_since(probe, t_hold + 0.3) == 0, "targets reached the arm with a frozen camera"
+            finally:
+                os.kill(cam, signal.SIGCONT)
+            in_control("control back after the camera thawed")
+
+            # 2. the latched e-stop: held while the executor keeps sending
+            t_estop = time.monotonic()
+            estop.publish(Bool(data=True))
+            probe.wait_for(lambda: holding_since(probe, t_estop, "/estop"), 5, "hold on /estop")
+            time.sleep(2.0)
+            t_check = time.monotonic()
+            with probe.lock:
+                sent = sum(1 for t, _ in probe.msgs["/policy/target"] if t >= t_estop + 0.5)
+            assert sent > 0, "the executor should keep sending while the e-stop holds"
+            assert arm_targets_since(probe, t_estop + 0.3) == 0, "targets reached the arm during the e-stop"
+            still = ee_positions(probe, t_estop + 0.8, t_check)
+            assert np.ptp(still, axis=0).max() < 0.003, f"the arm moved {np.ptp(still, axis=0)} m during the e-stop"
+            estop.publish(Bool(data=False))
+            in_control("control back after the e-stop released")
+
+            # 3. kill the policy server: held within two policy periods, respawned, back in control
+            server = node_pid(proc, "policy_server")
+            t_kill = time.monotonic()
+            os.kill(server, signal.SIGKILL)
+            t_hold = probe.wait_for(lambda: holding_since(probe, t_kill, "heartbeat"), 5, "hold on a dead server")
+            assert t_hold - t_kill <= 2 * POLICY_PERIOD + 0.1, f"held {t_hold - t_kill:.3f} s after the kill"
+            time.sleep(1.0)
+            assert arm_targets_since(probe, t_hold + 0.1) == 0
+            held = ee_positions(probe, t_hold + 0.5, time.monotonic())
+            assert np.ptp(held, axis=0).max() < 0.015, f"the arm moved {np.ptp(held, axis=0)} m after the hold"
+            assert diagnostic(probe, "sim_world").get("holding") == "True", "the sim arm should hold its measured pose"
+            in_control("control back from the respawned server", 90)
+            assert node_pid(proc, "policy_server") != server
+
+            # 4. hot reload: a bad hash is refused, the announced checkpoint is swapped in
+            sha = read_config(tmp_path / "ckpt_v2")["weights_sha256"]
+            weights.publish(String(data=json.dumps({"path": str(tmp_path / "ckpt_v2"), "version": 2, "sha256": "0" * 64})))
+            probe.wait_for(lambda: "refused" in json.loads(probe.latest("/policy/info").data), 30, "bad hash refused")
+            weights.publish(String(data=json.dumps({"path": str(tmp_path / "ckpt_v2"), "version": 2, "sha256": sha})))
+            probe.wait_for(lambda: json.loads(probe.latest("/policy/info").data)["version"] == 2, 30, "v2 served")
+            in_control("control with the reloaded weights")
+        finally:
+            with probe.lock:
+                targets = [p for _, m in probe.msgs["/arm/target"] for _, p, _ in msg_to_targets(m)]
+            probe.close()
+    assert targets, "no target reached the arm"
+    xyz = np.array([p[:3] for p in targets])
+    assert np.all(xyz >= lo - 1e-9) and np.all(xyz <= hi + 1e-9), "a target outside the workspace reached the arm"
+    assert np.all(np.isfinite(np.array(targets)))
