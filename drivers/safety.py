@@ -139,6 +139,15 @@ class EStop:
 
 
 WRENCH_SAMPLES = 3  # 30 ms at 100 Hz
+MAX_LEAD_S = 5.0  # a target stamped further ahead than this is garbage (or a clock from another world)
+
+
+def stamp_problem(t: float, now: float) -> str:
+    """'' for a target time still ahead (within MAX_LEAD_S), 'late' for one whose time has passed
+    (skipped, never shifted), else why the stamp is garbage."""
+    if not np.isfinite(t) or t > now + MAX_LEAD_S:
+        return f"target stamped {t - now:+.2f} s from now (more than {MAX_LEAD_S:g} s ahead: a stale clock or garbage)"
+    return "late" if t <= now else ""
 
 
 class SafetyGate:
@@ -162,8 +171,7 @@ class SafetyGate:
         self.policy_active = False
         self._over = 0  # consecutive wrench samples above the limit
         self.reasons: dict[str, str] = {}
-        self.passed: deque[tuple[float, np.ndarray]] = deque(maxlen=64)  # targets passed on, by stamp
-        self.counts = {"passed": 0, "refused": 0, "limited": 0, "late": 0, "dropped_holding": 0}
+        self.checker = TargetChecker(limits)
 
     # ---- inputs --------------------------------------------------------------------------------
     def watch_stream(self, topic: str, declared_period: float) -> None:
@@ -218,34 +226,60 @@ class SafetyGate:
 
     def filter(self, targets: list[tuple[float, np.ndarray, float | None]], measured: np.ndarray, measured_stamp: float,
                now: float) -> tuple[list, str]:
-        """The targets that may go to the arm (shortened where needed) and '' or why the message was
-        refused. Targets whose time has passed are dropped (never shifted); the rest are checked in
-        order; one refusal refuses the message."""
+        """The targets that may go to the arm (TargetChecker.check) and '' or why the message was
+        refused; nothing passes while a hold reason other than an earlier refusal is active."""
         if any(k != "refused" for k in self.update(now)):
-            self.counts["dropped_holding"] += 1
+            self.checker.counts["dropped_holding"] += 1
             return [], ""
-        out = []
+        out, why = self.checker.check(targets, measured, measured_stamp, now)
+        if why:
+            self.reasons["refused"] = f"target refused: {why}"
+        else:
+            self.reasons.pop("refused", None)
+        return out, why
+
+    def refuse(self, why: str) -> None:
+        """A message refused before it could be checked (malformed, no measured pose yet)."""
+        self.checker.refuse(why)
+        self.reasons["refused"] = f"target refused: {why}"
+
+
+class TargetChecker:
+    """Checks one message of absolute, time-stamped targets, all or nothing: each target against the
+    limits relative to the previous accepted one (or the measured pose); a newer plan replaces the
+    tail of the accepted ones; targets whose time has passed are dropped (never shifted); one
+    refusal refuses the whole message and the next starts from the measured pose. Used by the
+    safety filter and, again, by arm_node."""
+
+    def __init__(self, limits: SafetyLimits):
+        self.limits = limits
+        self.passed: deque[tuple[float, np.ndarray]] = deque(maxlen=64)  # accepted targets, by stamp
+        self.counts = {"passed": 0, "refused": 0, "limited": 0, "late": 0, "dropped_holding": 0}
+
+    def check(self, targets: list[tuple[float, np.ndarray, float | None]], measured: np.ndarray, measured_stamp: float,
+              now: float) -> tuple[list, str]:
+        out, staged, limited = [], list(self.passed), 0
         for t, pose, gripper in targets:
-            if not np.isfinite(t) or t > now + 5.0:
-                return self._refuse(f"target stamped {t - now:+.2f} s from now (stale clock or garbage)")
-            if t <= now:
+            if (why := stamp_problem(t, now)) == "late":
                 self.counts["late"] += 1
                 continue
-            while self.passed and self.passed[-1][0] >= t:  # a newer plan replaces the tail
-                self.passed.pop()
-            prev_t, prev = self.passed[-1] if self.passed else (measured_stamp, measured)
+            if why:
+                return self.refuse(why)
+            while staged and staged[-1][0] >= t:
+                staged.pop()
+            prev_t, prev = staged[-1] if staged else (measured_stamp, measured)
             v = check_target(pose, prev, t - prev_t, self.limits)
             if not v.ok:
-                return self._refuse(v.reason)
-            self.counts["limited"] += v.limited
-            self.passed.append((t, v.target))
+                return self.refuse(v.reason)
+            limited += v.limited
+            staged.append((t, v.target))
             out.append((t, v.target, gripper))
-        self.reasons.pop("refused", None)
+        self.passed = deque(staged, maxlen=self.passed.maxlen)
         self.counts["passed"] += len(out)
+        self.counts["limited"] += limited
         return out, ""
 
-    def _refuse(self, why: str) -> tuple[list, str]:
+    def refuse(self, why: str) -> tuple[list, str]:
         self.counts["refused"] += 1
-        self.reasons["refused"] = f"target refused: {why}"
         self.passed.clear()
         return [], why

@@ -14,7 +14,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from robot_rl.drivers.safety import stamp_problem
 from robot_rl.geometry import apply_delta
+
+MAX_STEP_M = 1.0  # a delta longer than this per policy step is garbage, not an action
+
+
+def chunk_problem(t_obs: float, now: float, chunk: list[tuple[float, np.ndarray, float | None]]) -> str:
+    """'' or why a chunk of delta poses (xyz + wxyz) is garbage: non-finite values, a translation
+    longer than MAX_STEP_M, a quaternion that is not unit, a time more than MAX_LEAD_S ahead."""
+    if stamp_problem(t_obs, now) not in ("", "late"):
+        return stamp_problem(t_obs, now)
+    for k, (t, d, g) in enumerate(chunk):
+        if not (np.isfinite(t) and np.all(np.isfinite(d)) and (g is None or np.isfinite(g))):
+            return f"action {k} is not finite"
+        if np.linalg.norm(d[:3]) > MAX_STEP_M:
+            return f"action {k} moves {np.linalg.norm(d[:3]):.3g} m in one step (limit {MAX_STEP_M:g} m)"
+        if not 0.9 < np.linalg.norm(d[3:]) < 1.1:
+            return f"action {k} rotation quaternion has norm {np.linalg.norm(d[3:]):.3g}, not 1"
+    return ""
 
 
 @dataclass

@@ -26,10 +26,19 @@ from robot_rl.drivers.ft import (
     ft300_frame,
     modbus_write_register,
 )
-from robot_rl.drivers.safety import EStop, SafetyLimits, StreamWatchdog, check_target, clip_action
+from robot_rl.drivers.safety import (
+    EStop,
+    SafetyGate,
+    SafetyLimits,
+    StreamWatchdog,
+    TargetChecker,
+    check_target,
+    clip_action,
+)
 
+from robot_rl.executor import chunk_problem
 from robot_rl.hardware import HardwareConfigError, load_hardware_config
-from robot_rl.launcher import LaunchError, parse, plan
+from robot_rl.launcher import Launcher, LaunchError, Process, parse, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWN = np.array([0.0, 1.0, 0.0, 0.0])
@@ -193,6 +202,61 @@ def test_watchdog_uses_the_streams_own_period_and_estop_latches():
     assert e.set(False, 3.0) and e.released_at == 3.0
 
 
+def test_target_checker_is_all_or_nothing_and_skips_late_targets():
+    lim = SafetyLimits(max_speed=1.0)
+    here = np.r_[0.5, 0.0, 0.3, DOWN]
+    c = TargetChecker(lim)
+    ok = [(1.1, np.r_[0.51, 0.0, 0.3, DOWN], None), (1.2, np.r_[0.52, 0.0, 0.3, DOWN], 0.5)]
+    out, why = c.check(ok, here, 1.0, now=1.0)
+    assert why == "" and len(out) == 2 and c.counts["passed"] == 2
+    bad = [(1.3, np.r_[0.53, 0.0, 0.3, DOWN], None), (1.4, np.r_[np.nan, 0.0, 0.3, DOWN], None)]
+    out, why = c.check(bad, here, 1.0, now=1.0)
+    assert out == [] and "finite" in why and not c.passed, "one bad target refuses the whole message"
+    out, why = c.check([(0.9, here, None), (1.5, here, None)], here, 1.0, now=1.0)
+    assert [t for t, *_ in out] == [1.5] and c.counts["late"] == 1, "a target whose time has passed is skipped"
+    out, why = c.check([(60.0, here, None)], here, 1.0, now=1.0)
+    assert out == [] and "ahead" in why
+
+
+def test_safety_gate_holds_for_streams_heartbeat_wrench_and_estop():
+    g = SafetyGate(SafetyLimits(watchdog_min_s=0.05), policy_period=0.1, wrench_limit=40.0)
+    g.watch_stream("wrist/image_policy", 1 / 30)
+    here = np.r_[0.5, 0.0, 0.3, DOWN]
+    target = [(1.05, np.r_[0.5, 0.0, 0.29, DOWN], None)]
+    assert set(g.update(1.0)) == {"stream wrist/image_policy", "policy heartbeat"}, "nothing heard yet"
+    for k in range(5):
+        g.feed("wrist/image_policy", 0.9 + k / 30)
+    g.beat(1.0, active=True)
+    assert g.update(1.0) == {} and g.filter(target, here, 1.0, 1.0)[0]
+    assert "stream wrist/image_policy" in g.update(0.9 + 4 / 30 + 0.07), "stale after max(2 periods, 50 ms)"
+    assert "policy heartbeat" in g.update(1.0 + 0.21) and "policy heartbeat" not in g.update(1.0 + 0.19)
+    g.beat(1.05, active=False)
+    assert g.update(1.06)["policy heartbeat"] == "policy server inactive"
+    assert g.filter(target, here, 1.0, 1.06) == ([], "") and g.checker.counts["dropped_holding"] == 1
+    g.beat(1.07, active=True)
+    for f in (45.0, 45.0, 10.0, 45.0, 45.0):
+        g.wrench(np.array([f, 0.0, 0.0]))
+    assert "wrench" not in g.update(1.07), "a short spike is not a push"
+    g.wrench(np.array([45.0, 0.0, 0.0]))
+    assert "wrench" in g.update(1.07)
+    g.wrench(np.array([0.0, 0.0, 0.0]))
+    assert "wrench" in g.update(1.08), "latched until cleared"
+    g.clear_latched()
+    g.estop(True)
+    assert set(g.update(1.08)) == {"estop"}
+    g.estop(False)
+    assert g.update(1.08) == {}
+
+
+def test_chunks_with_garbage_values_or_stamps_are_refused():
+    step = (1.1, np.r_[0.01, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], None)
+    assert chunk_problem(1.0, 1.0, [step]) == ""
+    assert "not finite" in chunk_problem(1.0, 1.0, [(1.1, np.r_[np.inf, 0, 0, 1.0, 0, 0, 0], None)])
+    assert "in one step" in chunk_problem(1.0, 1.0, [(1.1, np.r_[1e6, 0, 0, 1.0, 0, 0, 0], None)])
+    assert "norm" in chunk_problem(1.0, 1.0, [(1.1, np.zeros(7), None)])
+    assert "ahead" in chunk_problem(100.0, 1.0, [step])
+
+
 # ---- hardware configs ------------------------------------------------------------------------------
 def test_shipped_hardware_configs_load_into_spec_hydra_and_ros_params():
     for name in ("sim", "franka_panda"):
@@ -240,7 +304,7 @@ def test_shipped_launch_files_follow_the_supported_schema(name):
 
 @pytest.mark.parametrize("text, args, match", [
     ("launch:\n- group: {scoped: 'true'}\n", {}, "<group> .* is not supported"),
-    ("launch:\n- node: {pkg: robot_rl, exec: arm_node, respawn_delay: '1'}\n", {}, "unsupported attribute 'respawn_delay'"),
+    ("launch:\n- node: {pkg: robot_rl, exec: arm_node, launch_prefix: gdb}\n", {}, "unsupported attribute 'launch_prefix'"),
     ("launch:\n- node: {pkg: robot_rl, exec: teleporter}\n", {}, "no node 'teleporter'"),
     ("launch:\n- arg: {name: a}\n", {}, "launch argument 'a' is required"),
     ("launch:\n- arg: {name: a, default: '1'}\n", {"b": "2"}, r"unknown launch argument\(s\) \['b'\]"),
@@ -253,6 +317,18 @@ def test_launch_errors_are_one_line(tmp_path, text, args, match):
     with pytest.raises(LaunchError, match=match) as e:
         plan(f, args)
     assert "\n" not in str(e.value)
+
+
+def test_a_respawning_node_restarts_unless_it_reports_a_configuration_error(tmp_path, capsys):
+    marker = tmp_path / "runs"
+    flaky = [sys.executable, "-c", f"import os; f = open({str(marker)!r}, 'a'); f.write('x'); f.close(); os._exit(9)"]
+    broken = [sys.executable, "-c", "import sys; print('error: bad checkpoint'); sys.exit(2)"]
+    launcher = Launcher([Process("flaky", flaky, dict(os.environ), False, respawn=0.1)])
+    threading.Timer(2.0, launcher.stopping.set).start()
+    assert launcher.run() == 0
+    assert marker.read_text().count("x") >= 3, "restarted after each exit"
+    assert Launcher([Process("broken", broken, dict(os.environ), False, respawn=0.1)]).run() == 1
+    assert "required node 'broken' exited with status 2: error: bad checkpoint" in capsys.readouterr().err
 
 
 def test_xml_and_yaml_frontends_give_the_same_plan(tmp_path):

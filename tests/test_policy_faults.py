@@ -71,15 +71,6 @@ def ee_positions(probe: Probe, t0: float, t1: float) -> np.ndarray:
         return np.array([msg_to_pose(m.pose)[:3] for t, m in probe.msgs["/arm/ee_pose"] if t0 <= t <= t1])
 
 
-def diagnostic(probe: Probe, node: str) -> dict:
-    with probe.lock:
-        for _, arr in reversed(probe.msgs["/diagnostics"]):
-            for st in arr.status:
-                if st.name.endswith(node):
-                    return {"message": st.message, **{kv.key: kv.value for kv in st.values}}
-    return {}
-
-
 def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
     image_checkpoint(tmp_path / "ckpt")
     image_checkpoint(tmp_path / "ckpt_v2", seed=1)
@@ -119,7 +110,7 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             try:
                 probe.wait_for(lambda: holding_since(probe, t_freeze, "wrist/image_policy"), 5, "hold on a frozen camera")
                 time.sleep(1.5)  # the diagnostics (1 Hz) catch up
-                diag = diagnostic(probe, "safety_filter")
+                diag = probe.diagnostic("safety_filter")
                 assert "wrist/image_policy" in diag.get("reasons", ""), diag
                 t_hold = holding_since(probe, t_freeze, "wrist/image_policy")
                 assert arm_targets_since(probe, t_hold + 0.3) == 0, "targets reached the arm with a frozen camera"
@@ -152,7 +143,7 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             assert arm_targets_since(probe, t_hold + 0.1) == 0
             held = ee_positions(probe, t_hold + 0.5, time.monotonic())
             assert np.ptp(held, axis=0).max() < 0.015, f"the arm moved {np.ptp(held, axis=0)} m after the hold"
-            assert diagnostic(probe, "sim_world").get("holding") == "True", "the sim arm should hold its measured pose"
+            assert probe.diagnostic("sim_world").get("holding") == "True", "the sim arm should hold its measured pose"
             in_control("control back from the respawned server", 90)
             assert node_pid(proc, "policy_server") != server
 

@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from robot_rl.executor import ChunkExecutor
+from robot_rl.executor import ChunkExecutor, chunk_problem
 from robot_rl.nodes.common import (
     Diagnostics,
     Lifecycle,
@@ -45,6 +45,7 @@ def build(cfg, _rt_note, stop):
     episode = {"id": None, "t": None}
     pending: deque = deque()  # chunks waiting for their episode state or their measured pose
     latency_ms: deque[float] = deque(maxlen=1000)
+    refused = [0]  # chunks refused as malformed or garbage
     pub = node.create_publisher(MultiDOFJointTrajectory, "policy/target", qos("command"))
     diag, meter = Diagnostics(node), RateMeter()
 
@@ -68,6 +69,10 @@ def build(cfg, _rt_note, stop):
                 continue
             if abs(t_obs - episode["t"]) < 1e-9 or ex.target is None:  # control starts: target := measured pose
                 pose = pose_at(t_obs)
+                if pose is None and poses and poses[0][0] > t_obs:
+                    pending.popleft()  # older than the pose history: it can never start; dropped as late
+                    ex.late += len(chunk)
+                    continue
                 if pose is None:
                     return
                 ex.reset(pose)
@@ -80,8 +85,9 @@ def build(cfg, _rt_note, stop):
                 pub.publish(targets_to_msg(t_obs, targets))
             meter.tick()
         lat = np.asarray(latency_ms) if latency_ms else np.zeros(1)
-        diag.maybe_publish({"chunks_per_s": meter.rate(), "chunks": ex.chunks, "late_targets": ex.late,
-                            "targets": ex.composed, "pending": len(pending), "obs_to_target_p50_ms": float(np.median(lat)),
+        diag.maybe_publish({"chunks_per_s": meter.rate(), "chunks": ex.chunks, "refused_chunks": refused[0],
+                            "late_targets": ex.late, "targets": ex.composed, "pending": len(pending),
+                            "obs_to_target_p50_ms": float(np.median(lat)),
                             "obs_to_target_p99_ms": float(np.percentile(lat, 99))})
 
     def on_pose(m) -> None:
@@ -103,8 +109,11 @@ def build(cfg, _rt_note, stop):
     def on_chunk(m) -> None:
         try:
             chunk = msg_to_targets(m)
+            if why := chunk_problem(stamp_to_sec(m.header.stamp), stamp_to_sec(node.get_clock().now().to_msg()), chunk):
+                raise ValueError(why)
         except ValueError as e:
-            diag.error(f"executor: malformed chunk ({e}); ignored")
+            refused[0] += 1
+            diag.error(f"executor: chunk refused ({e}); ignored")
             return
         with lock:
             if not life.active.is_set():

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import deque
 
 import numpy as np
 
 from robot_rl.drivers.arm import ARM_BACKENDS
-from robot_rl.drivers.safety import EStop, check_target
+from robot_rl.drivers.safety import EStop, TargetChecker
 from robot_rl.drivers.sim_link import default_link_dir
 from robot_rl.nodes.common import (
     Diagnostics,
@@ -44,20 +43,20 @@ def build(cfg, _rt_note, stop):
     lock = threading.Lock()
     estop = EStop()
     last = {"state": None}
-    accepted: deque[tuple[float, np.ndarray]] = deque(maxlen=64)  # targets passed on, by stamp
-    counts = {"accepted": 0, "refused": 0, "limited": 0, "during_estop": 0}
+    checker = TargetChecker(limits)  # re-checks every target message, all or nothing
+    counts = {"during_estop": 0}
     diag, meter = Diagnostics(node), RateMeter()
 
     def hold(why: str) -> None:
         arm.hold()
-        accepted.clear()
+        checker.passed.clear()
         diag.error(why)
 
     def on_target(msg) -> None:
         try:
             targets = msg_to_targets(msg)
         except ValueError as e:
-            counts["refused"] += 1
+            checker.refuse(str(e))
             return hold(f"arm: malformed target message ({e}); holding")
         with lock:
             if estop.engaged:
@@ -67,19 +66,12 @@ def build(cfg, _rt_note, stop):
             if state is None:
                 return hold("arm: target before the first arm state; holding")
             if state.holding:  # the backend holds (reset, stop, watchdog): a new stream starts from the measured pose
-                accepted.clear()
-            for t, pose, gripper in targets:
-                while accepted and accepted[-1][0] >= t:  # a newer plan replaces the tail (as the backend does)
-                    accepted.pop()
-                prev_t, prev = accepted[-1] if accepted else (state.stamp, state.ee_pose)
-                v = check_target(pose, prev, t - prev_t, limits)
-                if not v.ok:
-                    counts["refused"] += 1
-                    return hold(f"arm: target refused ({v.reason}); holding the measured pose")
-                counts["limited"] += v.limited
-                arm.command(t, v.target, gripper)
-                accepted.append((t, v.target))
-                counts["accepted"] += 1
+                checker.passed.clear()
+            out, why = checker.check(targets, state.ee_pose, state.stamp, state.stamp)
+            if why:
+                return hold(f"arm: target refused ({why}); holding the measured pose")
+            for t, pose, gripper in out:
+                arm.command(t, pose, gripper)
         return None
 
     def on_estop(msg) -> None:
@@ -95,7 +87,7 @@ def build(cfg, _rt_note, stop):
                     return resp
                 resp.message = fn() or "ok"
                 resp.success = True
-                accepted.clear()
+                checker.passed.clear()
             return resp
         return cb
 
@@ -135,6 +127,7 @@ def build(cfg, _rt_note, stop):
                 diag.error(f"arm: {s.error}; holding, call /arm/recover")
             diag.maybe_publish({"rate_hz": meter.rate(), "age_s": meter.age(), "estop": estop.engaged,
                                 "holding": s.holding, "backend": p["arm.backend"], **counts,
+                                **{("accepted" if k == "passed" else k): v for k, v in checker.counts.items()},
                                 "target_error_m": float(np.linalg.norm(s.target[:3] - s.ee_pose[:3]))},
                                level_ok=not s.error)
 

@@ -124,8 +124,12 @@ def targets_to_msg(stamp0: float, targets: list[tuple[float, np.ndarray, float |
     return msg
 
 
-def msg_to_targets(msg) -> list[tuple[float, np.ndarray, float | None]]:
-    """Inverse of targets_to_msg. Raises ValueError with one line on a malformed message."""
+def msg_to_targets(msg, frame: str = "base") -> list[tuple[float, np.ndarray, float | None]]:
+    """Inverse of targets_to_msg. Raises ValueError with one line on a malformed message (joints,
+    transforms per point, or a frame other than `frame`). Values are not judged here: that is the
+    safety checks' job."""
+    if msg.header.frame_id != frame:
+        raise ValueError(f"frame '{msg.header.frame_id}', expected '{frame}'")
     names = list(msg.joint_names)
     if not names or names[0] != "ee":
         raise ValueError(f"target trajectory joint_names {names} must start with 'ee' (then optionally 'gripper')")

@@ -71,7 +71,7 @@ def build(cfg, _rt_note, stop):
         return stamp_to_sec(node.get_clock().now().to_msg())
 
     def hold() -> None:
-        gate.passed.clear()
+        gate.checker.passed.clear()
         if arm_hold.service_is_ready():
             arm_hold.call_async(Trigger.Request())
         else:
@@ -93,20 +93,18 @@ def build(cfg, _rt_note, stop):
 
     def on_input(msg) -> None:
         try:
-            targets = msg_to_targets(msg)
-            if msg.header.frame_id != p["frame"]:
-                raise ValueError(f"frame '{msg.header.frame_id}', expected '{p['frame']}'")
+            targets = msg_to_targets(msg, p["frame"])
         except (ValueError, TypeError) as e:  # malformed: refuse, never crash
             with lock:
-                gate._refuse(f"malformed target message ({e})")
+                gate.refuse(f"malformed target message ({e})")
                 publish_state(gate.reasons)
             return
         with lock:
             if not life.active.is_set():
-                gate.counts["dropped_holding"] += 1
+                gate.checker.counts["dropped_holding"] += 1
                 return
             if measured["pose"] is None:
-                gate._refuse("no measured pose yet")
+                gate.refuse("no measured pose yet")
                 publish_state(gate.reasons)
                 return
             out, _why = gate.filter(targets, measured["pose"], measured["stamp"], now())
@@ -163,7 +161,7 @@ def build(cfg, _rt_note, stop):
         except ValueError:
             return
         with lock:  # episodes start clean: no previous target, no latched reason (wrench, refusal)
-            gate.passed.clear()
+            gate.checker.passed.clear()
             if s.get("state") == "running":
                 gate.clear_latched()
 
@@ -203,7 +201,7 @@ def build(cfg, _rt_note, stop):
                 publish_state(reasons)
                 ages = {f"age_ms.{k}": min(w.age(t) * 1e3, 1e9) for k, w in gate.streams.items()}
             diag.maybe_publish({"holding": bool(reasons), "reasons": "; ".join(reasons.values()) or "none",
-                                "heartbeat_age_ms": min(gate.heartbeat.age(t) * 1e3, 1e9), **gate.counts, **ages},
+                                "heartbeat_age_ms": min(gate.heartbeat.age(t) * 1e3, 1e9), **gate.checker.counts, **ages},
                                level_ok=not reasons)
 
     return node, loop

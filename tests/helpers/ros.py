@@ -136,6 +136,15 @@ class Probe:
         self.wait_for(future.done, timeout, f"answer from {name}")
         return future.result()
 
+    def diagnostic(self, node: str) -> dict:
+        """The newest /diagnostics status of `node` (subscribe to /diagnostics first): message + values."""
+        with self.lock:
+            for _, arr in reversed(self.msgs["/diagnostics"]):
+                for st in arr.status:
+                    if st.name.endswith(node):
+                        return {"message": st.message, **{kv.key: kv.value for kv in st.values}}
+        return {}
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
