@@ -17,6 +17,8 @@ rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test
 torch = pytest.importorskip("torch")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from robot_rl.policies.checkpoint import read_config, save_policy  # noqa: E402
 from robot_rl.policies.consistency import ConsistencyPolicy  # noqa: E402
@@ -27,7 +29,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 from trajectory_msgs.msg import MultiDOFJointTrajectory  # noqa: E402
 
 from robot_rl.hardware import load_hardware_config  # noqa: E402
-from robot_rl.nodes.common import msg_to_pose, msg_to_targets, qos  # noqa: E402
+from robot_rl.nodes.common import msg_to_pose, msg_to_targets, qos, stamp_to_sec  # noqa: E402
 from tests.helpers.ros import Probe, fresh_domain, launched, node_pid, ros_env  # noqa: E402
 
 KEYS = {"state.ee_pose": 7}
@@ -51,14 +53,19 @@ def safety_state(probe: Probe) -> dict:
     return json.loads(m.data) if m is not None else {}
 
 
-def holding_since(probe: Probe, t0: float, needle: str) -> float | None:
-    """Receive time of the first hold state after t0 whose reasons mention `needle`."""
+def holding_since(probe: Probe, t0: float, needle: str, sim_time: bool = False) -> float | None:
+    """Receive time (or the filter's clock, sim time) of the first hold state after t0 whose reasons
+    mention `needle`."""
     with probe.lock:
         for t, m in probe.msgs["/safety/state"]:
             s = json.loads(m.data)
             if t >= t0 and s["state"] == "hold" and any(needle in r for r in s["reasons"]):
-                return t
+                return s["t"] if sim_time else t
     return None
+
+
+def measured_time(probe: Probe) -> float:
+    return stamp_to_sec(probe.latest("/arm/ee_pose").header.stamp)
 
 
 def arm_targets_since(probe: Probe, t0: float) -> int:
@@ -137,13 +144,17 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             server = node_pid(proc, "policy_server")
             t_kill = time.monotonic()
             os.kill(server, signal.SIGKILL)
+            sim_kill = measured_time(probe)
             t_hold = probe.wait_for(lambda: holding_since(probe, t_kill, "heartbeat"), 5, "hold on a dead server")
-            assert t_hold - t_kill <= 2 * POLICY_PERIOD + 0.1, f"held {t_hold - t_kill:.3f} s after the kill"
+            sim_hold = holding_since(probe, t_kill, "heartbeat", sim_time=True)
+            # two policy periods of the node clock (sim time), + one heartbeat interval and a check period
+            assert sim_hold - sim_kill <= 2 * POLICY_PERIOD + 0.05, f"held {sim_hold - sim_kill:.3f} s (sim) after the kill"
             time.sleep(1.0)
             assert arm_targets_since(probe, t_hold + 0.1) == 0
             held = ee_positions(probe, t_hold + 0.5, time.monotonic())
-            assert np.ptp(held, axis=0).max() < 0.015, f"the arm moved {np.ptp(held, axis=0)} m after the hold"
             assert probe.diagnostic("sim_world").get("holding") == "True", "the sim arm should hold its measured pose"
+            # the held arm settles (a stretched random-policy pose sags by a few cm/s at most), not a chunk's 5 cm/step
+            assert np.ptp(held, axis=0).max() < 0.03, f"the arm moved {np.ptp(held, axis=0)} m after the hold"
             in_control("control back from the respawned server", 90)
             assert node_pid(proc, "policy_server") != server
 
@@ -154,6 +165,29 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             weights.publish(String(data=json.dumps({"path": str(tmp_path / "ckpt_v2"), "version": 2, "sha256": sha})))
             probe.wait_for(lambda: json.loads(probe.latest("/policy/info").data)["version"] == 2, 30, "v2 served")
             in_control("control with the reloaded weights")
+
+            # 5. lifecycle: deactivating the server, the executor or the filter holds the arm; activating resumes
+            def transition(node: str, tid: int) -> None:
+                req = ChangeState.Request()
+                req.transition.id = tid
+                assert probe.call(ChangeState, f"/{node}/change_state", req).success
+
+            for node, needle in (("policy_server", "inactive"), ("safety_filter", "safety filter inactive")):
+                t0 = time.monotonic()
+                transition(node, Transition.TRANSITION_DEACTIVATE)
+                t_hold = probe.wait_for(lambda: holding_since(probe, t0, needle), 5, f"hold on deactivating {node}")
+                time.sleep(0.5)
+                assert arm_targets_since(probe, t_hold + 0.1) == 0
+                transition(node, Transition.TRANSITION_ACTIVATE)
+                in_control(f"control back after activating {node}")
+            t0 = time.monotonic()
+            transition("action_executor", Transition.TRANSITION_DEACTIVATE)
+            time.sleep(0.5)
+            with probe.lock:
+                after = [m for t, m in probe.msgs["/policy/target"] if t >= t0]
+            assert len(after) == 1 and len(after[0].points) == 1, "the executor's last word is one hold target"
+            transition("action_executor", Transition.TRANSITION_ACTIVATE)
+            in_control("control back after activating the executor")
         finally:
             with probe.lock:
                 targets = [p for _, m in probe.msgs["/arm/target"] for _, p, _ in msg_to_targets(m)]

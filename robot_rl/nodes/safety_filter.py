@@ -89,7 +89,7 @@ def build(cfg, _rt_note, stop):
         if holding:
             diag.error(f"safety: holding ({'; '.join(reasons.values())})")
         state_pub.publish(String(data=json.dumps({"state": "hold" if holding else "ok", "reasons": list(reasons.values()),
-                                                  "request_human": "wrench" in reasons})))
+                                                  "request_human": "wrench" in reasons, "t": now()})))
 
     def on_input(msg) -> None:
         try:
