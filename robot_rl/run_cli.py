@@ -71,8 +71,10 @@ def run(cfg: DictConfig, console) -> int:
     pcfg = read_config(cfg.ckpt)
     hw = load_hardware_config(cfg.hardware_config)
     if not hw.is_sim:
-        raise RunError(f"hardware config '{cfg.hardware_config}' is a real cell; `robot_policy` (the hardware "
-                       "launch with the safety filter) is not available in this release yet")
+        raise RunError(f"hardware config '{cfg.hardware_config}' is a real cell: start it with `robot-rl launch "
+                       f"robot_policy ckpt:={cfg.ckpt} hardware_config:={cfg.hardware_config}` and run episodes with "
+                       "/episode/reset, /start, /stop (robot-rl run drives unattended sim episodes only; the operator "
+                       "workflow comes with `robot-rl record`)")
     if cfg.mode not in ("lockstep", "realtime"):
         raise RunError(f"mode '{cfg.mode}' is not lockstep or realtime")
     task = pcfg.get("task") or cfg.task.name

@@ -127,6 +127,7 @@ def test_after_the_garbage_a_valid_chunk_still_moves_the_arm(cell):
     sec_to_stamp(t0, chunk.header.stamp)
     pubs["/policy/chunk"].publish(chunk)
     probe.wait_for(lambda: counts(probe)[0] >= 4, 10, "the valid chunk at the arm", proc, log)
+    probe.wait_for(lambda: measured(probe)[0] > t0 + 0.8, 10, "the chunk's time to pass", proc, log)
     lo, hi = load_hardware_config("sim").safety.workspace_low, load_hardware_config("sim").safety.workspace_high
     _, end = measured(probe)
     assert np.all(end[:3] >= np.array(lo) - 0.01) and np.all(end[:3] <= np.array(hi) + 0.01)
