@@ -17,9 +17,9 @@ rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test
 torch = pytest.importorskip("torch")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import PoseStamped  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState  # noqa: E402
-from geometry_msgs.msg import PoseStamped  # noqa: E402
 from robot_rl.policies.checkpoint import read_config, save_policy  # noqa: E402
 from robot_rl.policies.consistency import ConsistencyPolicy  # noqa: E402
 from robot_rl.policies.diffusion import PolicyConfig  # noqa: E402
@@ -175,7 +175,8 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             for node, needle in (("policy_server", "inactive"), ("safety_filter", "safety filter inactive")):
                 t0 = time.monotonic()
                 transition(node, Transition.TRANSITION_DEACTIVATE)
-                t_hold = probe.wait_for(lambda: holding_since(probe, t0, needle), 5, f"hold on deactivating {node}")
+                t_hold = probe.wait_for(lambda t0=t0, needle=needle: holding_since(probe, t0, needle), 5,
+                                        f"hold on deactivating {node}")
                 time.sleep(0.5)
                 assert arm_targets_since(probe, t_hold + 0.1) == 0
                 transition(node, Transition.TRANSITION_ACTIVATE)
