@@ -190,8 +190,6 @@ class SafetyGate:
     def wrench(self, force: np.ndarray) -> None:
         """Latch a hold when the force stays above the limit for WRENCH_SAMPLES samples in a row (a
         single sample is an impact or noise; a sustained one is pushing on something)."""
-        if not self.watch:  # lock-step (sim only): a hold would stall the lock-step clock; the limits still apply
-            return
         f = float(np.linalg.norm(np.asarray(force, dtype=np.float64)[:3]))
         self._over = self._over + 1 if not f <= self.wrench_limit else 0
         if not np.isfinite(f) or self._over >= WRENCH_SAMPLES:

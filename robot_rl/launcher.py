@@ -260,6 +260,15 @@ def _ros_args(e: Entity, a: dict[str, str], variables: dict[str, str], src: str)
     return out
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies (Linux prctl
+    PR_SET_PDEATHSIG), so a killed launcher or `robot-rl run` never leaves a graph running."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class Launcher:
     """Starts the planned processes, streams their output with a name prefix, forwards signals, and
     stops everything when a required process exits."""
@@ -280,7 +289,7 @@ class Launcher:
 
     def _start(self, p: Process) -> None:
         p.proc = subprocess.Popen(p.cmd, env=p.env, cwd=p.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, bufsize=1, start_new_session=True)
+                                  text=True, bufsize=1, start_new_session=True, preexec_fn=die_with_parent)
         threading.Thread(target=self._pump, args=(p,), daemon=True).start()
         print(f"[launch] started {p.name} (pid {p.proc.pid})", flush=True)
 

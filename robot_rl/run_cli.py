@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from robot_rl.launcher import die_with_parent
 from robot_rl.stats import wilson_interval
+
+STALL_S = 60.0  # an episode whose sim clock does not move for this long (wall) is a stalled graph
 
 
 class RunError(ValueError):
@@ -92,7 +95,8 @@ def run(cfg: DictConfig, console) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "run_launch.log", "w")
-    launch = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    launch = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=die_with_parent)
     rclpy, ctx, node, ex = _client(domain)
     state: dict = {}
     clock = {"t": 0.0}
@@ -132,8 +136,17 @@ def run(cfg: DictConfig, console) -> int:
             spin_until(lambda k=k: state.get("episode") == k and state.get("state") == "running", 30, "running")
             t_start, t0 = time.monotonic(), state["t"]
             t_end = t0 + max_steps * dt
-            spin_until(lambda t_end=t_end: state.get("success") or state.get("failed") or clock["t"] >= t_end,
-                       max(600.0, 20 * max_steps * dt), f"episode {k}")
+            seen = {"t": clock["t"], "wall": time.monotonic()}
+
+            def over(t_end=t_end, seen=seen) -> bool:
+                if clock["t"] != seen["t"]:
+                    seen.update(t=clock["t"], wall=time.monotonic())
+                elif time.monotonic() - seen["wall"] > STALL_S:
+                    raise RunError(f"the sim clock stopped at {clock['t']:.2f} s for {STALL_S:.0f} s (a stalled node?); "
+                                   f"see {out / 'run_launch.log'}")
+                return bool(state.get("success") or state.get("failed") or clock["t"] >= t_end)
+
+            spin_until(over, max(600.0, 20 * max_steps * dt), f"episode {k}")
             success = bool(state.get("success"))
             call(stop_client, SetBool.Request(data=success), f"stop of episode {k}")
             results.append({"episode": k, "seed": seed + k, "success": success,

@@ -3,7 +3,9 @@ absolute time-stamped targets, the command watchdog, camera rendering and resets
 is a thin shell around `SimWorld`; the driver nodes' `mujoco` backends talk to it over the sim link.
 
 Modes: `realtime` paces ticks to the wall clock and reports the real-time factor; `lockstep` advances
-a tick only once a target for that tick has arrived, so the same commands give the same trajectory.
+a tick only once a target for that tick has arrived, so the same commands give the same trajectory —
+or, during an episode, while the arm holds on request (a refused target, `/arm/hold`, the safety
+filter): a hold is a command too, and the episode runs on to its end instead of stalling.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SimWorld:
         })
         self.targets = TargetQueue(limits, target_period)
         self.holding = True
+        self.hold_requested = False  # held on request (not at a reset or episode boundary): lock-step time runs on
         self.accepting = True
         self.episode, self.seed = 0, seed
         self._last_state_wall = 0.0
@@ -71,7 +74,7 @@ class SimWorld:
         self.t = round(self.t + self.h, 9)
         self.targets.clear()
         self.targets.watchdog.reset()
-        self.holding = True
+        self.holding, self.hold_requested = True, False
         for c in self.cameras:
             self._next_frame[c.name] = self.t
 
@@ -89,7 +92,7 @@ class SimWorld:
         if reason:
             self.hold()
         else:
-            self.holding = False
+            self.holding = self.hold_requested = False
         return reason
 
     def handle(self, msg: dict[str, Any]) -> None:
@@ -98,12 +101,15 @@ class SimWorld:
             if op == "target":
                 reason = self.add_target(float(msg["stamp"]), msg["pose"], msg.get("gripper"))
                 if reason:
+                    self.hold_requested = self.accepting
                     self.link.reply(msg, {"op": "refused", "reason": reason})
             elif op == "hold":
                 self.hold()
+                self.hold_requested = self.accepting
             elif op in ("stop", "start"):  # episode boundaries: a stopped episode's late targets never move the arm
                 self.accepting = op == "start"
                 self.hold()
+                self.hold_requested = False
             elif op == "home":
                 self.targets.clear()
                 self.add_target(self.t + float(msg.get("duration", 2.0)), self.home_pose, None)
@@ -167,14 +173,18 @@ class SimWorld:
                 if wall0 + (self.t - sim0) > time.monotonic():
                     continue
             else:
-                for msg in self.link.poll(0.0 if self.targets.ready(self.t, self.h) else 0.05):
+                for msg in self.link.poll(0.0 if self._lockstep_ready() else 0.05):
                     self.handle(msg)
-                if not self.targets.ready(self.t, self.h):
+                if not self._lockstep_ready():
                     if time.monotonic() - self._last_state_wall > 0.1:
                         self.publish_state()  # heartbeat while waiting: same stamp, new subscribers see the state
                     continue
             self.tick()
             self._update_rtf()
+
+    def _lockstep_ready(self) -> bool:
+        """Lock-step: the command covering the next tick is in — a target, or a hold on request."""
+        return self.hold_requested or self.targets.ready(self.t, self.h)
 
     def _update_rtf(self) -> None:
         now = time.monotonic()

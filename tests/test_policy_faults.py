@@ -30,9 +30,10 @@ from trajectory_msgs.msg import MultiDOFJointTrajectory  # noqa: E402
 
 from robot_rl.hardware import load_hardware_config  # noqa: E402
 from robot_rl.nodes.common import msg_to_pose, msg_to_targets, qos, stamp_to_sec  # noqa: E402
-from tests.helpers.ros import Probe, fresh_domain, launched, node_pid, ros_env  # noqa: E402
+from tests.helpers.ros import ROOT, Probe, fresh_domain, launched, node_pid, ros_env  # noqa: E402
 
 KEYS = {"state.ee_pose": 7}
+CELL = str(ROOT / "tests" / "hardware" / "sim_small.yaml")  # 160x120 cameras: less rendering on 2 busy cores
 POLICY_PERIOD = 0.1
 
 
@@ -43,7 +44,7 @@ def image_checkpoint(path, seed: int = 0) -> None:
                        step_embed_dim=32, image_crop=76, image_feature_dim=32)
     stats = {k: {"min": [-1.0] * d, "max": [1.0] * d} for k, d in {**KEYS, "action": 7}.items()}
     policy = ConsistencyPolicy(cfg, Normalizer.from_stats(stats, [*KEYS, "action"])).eval()
-    subset = load_hardware_config("sim").robot_spec().policy_subset([*KEYS, "image.wrist"])
+    subset = load_hardware_config(CELL).robot_spec().policy_subset([*KEYS, "image.wrist"])
     subset["action"]["mask"] = [True, True, True, False, False, False, True]  # translation only: no tilt refusals
     save_policy(policy, path, subset, {"task": "reach"})
 
@@ -73,18 +74,28 @@ def arm_targets_since(probe: Probe, t0: float) -> int:
         return sum(1 for t, _ in probe.msgs["/arm/target"] if t >= t0)
 
 
-def ee_positions(probe: Probe, t0: float, t1: float) -> np.ndarray:
+def ee_positions(probe: Probe, s0: float, s1: float) -> np.ndarray:
+    """The measured positions stamped in [s0, s1] (sim time: on 2 busy cores the sim runs slower than
+    the wall clock, so settling is judged in its own time)."""
     with probe.lock:
-        return np.array([msg_to_pose(m.pose)[:3] for t, m in probe.msgs["/arm/ee_pose"] if t0 <= t <= t1])
+        return np.array([msg_to_pose(m.pose)[:3] for _, m in probe.msgs["/arm/ee_pose"]
+                         if s0 <= stamp_to_sec(m.header.stamp) <= s1])
+
+
+def settled(probe: Probe, s_hold: float, proc, log) -> np.ndarray:
+    """Positions from 0.5 to 1.0 s (sim) after a hold, once the sim got there."""
+    probe.wait_for(lambda: measured_time(probe) >= s_hold + 1.0, 30, "1 s of sim time after the hold", proc, log)
+    return ee_positions(probe, s_hold + 0.5, s_hold + 1.0)
 
 
 def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
     image_checkpoint(tmp_path / "ckpt")
     image_checkpoint(tmp_path / "ckpt_v2", seed=1)
-    cfg = load_hardware_config("sim")
+    cfg = load_hardware_config(CELL)
     lo, hi = np.array(cfg.safety.workspace_low), np.array(cfg.safety.workspace_high)
     domain, log = fresh_domain(), tmp_path / "launch.log"
-    args = ["sim_policy", f"ckpt:={tmp_path / 'ckpt'}", "task:=reach", "mode:=realtime", "plan_ahead:=1"]
+    args = ["sim_policy", f"ckpt:={tmp_path / 'ckpt'}", "task:=reach", "mode:=realtime", "plan_ahead:=1",
+            f"hardware_config:={CELL}"]
     with launched(args, ros_env(domain), log) as proc:
         probe = Probe(domain)
         try:
@@ -129,14 +140,15 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             t_estop = time.monotonic()
             estop.publish(Bool(data=True))
             probe.wait_for(lambda: holding_since(probe, t_estop, "/estop"), 5, "hold on /estop")
-            time.sleep(2.0)
-            t_check = time.monotonic()
-            with probe.lock:
-                sent = sum(1 for t, _ in probe.msgs["/policy/target"] if t >= t_estop + 0.5)
-            assert sent > 0, "the executor should keep sending while the e-stop holds"
+
+            def sent_since(t0: float) -> int:
+                with probe.lock:
+                    return sum(1 for t, _ in probe.msgs["/policy/target"] if t >= t0)
+
+            probe.wait_for(lambda: sent_since(t_estop + 0.5) >= 2, 20, "the executor sending during the e-stop", proc, log)
+            still = settled(probe, holding_since(probe, t_estop, "/estop", sim_time=True), proc, log)
             assert arm_targets_since(probe, t_estop + 0.3) == 0, "targets reached the arm during the e-stop"
-            still = ee_positions(probe, t_estop + 0.8, t_check)
-            assert np.ptp(still, axis=0).max() < 0.003, f"the arm moved {np.ptp(still, axis=0)} m during the e-stop"
+            assert np.ptp(still, axis=0).max() < 0.01, f"the arm moved {np.ptp(still, axis=0)} m during the e-stop"
             estop.publish(Bool(data=False))
             in_control("control back after the e-stop released")
 
@@ -149,12 +161,11 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             sim_hold = holding_since(probe, t_kill, "heartbeat", sim_time=True)
             # two policy periods of the node clock (sim time), + one heartbeat interval and a check period
             assert sim_hold - sim_kill <= 2 * POLICY_PERIOD + 0.05, f"held {sim_hold - sim_kill:.3f} s (sim) after the kill"
-            time.sleep(1.0)
+            held = settled(probe, sim_hold, proc, log)
             assert arm_targets_since(probe, t_hold + 0.1) == 0
-            held = ee_positions(probe, t_hold + 0.5, time.monotonic())
             assert probe.diagnostic("sim_world").get("holding") == "True", "the sim arm should hold its measured pose"
-            # the held arm settles (a stretched random-policy pose sags by a few cm/s at most), not a chunk's 5 cm/step
-            assert np.ptp(held, axis=0).max() < 0.03, f"the arm moved {np.ptp(held, axis=0)} m after the hold"
+            # settled within 1 cm (a buffered chunk would have gone on at up to 5 cm per policy step)
+            assert np.ptp(held, axis=0).max() < 0.01, f"the arm moved {np.ptp(held, axis=0)} m after the hold"
             in_control("control back from the respawned server", 90)
             assert node_pid(proc, "policy_server") != server
 
@@ -195,5 +206,6 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             probe.close()
     assert targets, "no target reached the arm"
     xyz = np.array([p[:3] for p in targets])
-    assert np.all(xyz >= lo - 1e-9) and np.all(xyz <= hi + 1e-9), "a target outside the workspace reached the arm"
+    outside = xyz[np.any((xyz < lo - 1e-9) | (xyz > hi + 1e-9), axis=1)]
+    assert not len(outside), f"targets outside the workspace {lo}..{hi} reached the arm: {outside}"
     assert np.all(np.isfinite(np.array(targets)))

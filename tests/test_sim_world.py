@@ -57,3 +57,23 @@ def test_a_chunk_planned_ahead_composes_from_the_target_at_its_observation_time(
     np.testing.assert_allclose(second[0][1], apply_delta(first[6][1], *up[:2]))
     assert round(second[0][0], 3) == 0.8 and [round(t, 3) for t, _ in ex.history][-8:] == [
         round(0.7 + 0.1 * k, 3) for k in range(1, 9)], "the new plan replaces the old tail"
+
+
+def test_lockstep_waits_for_targets_but_runs_on_while_the_arm_holds_on_request(tmp_path):
+    world = SimWorld(task="reach", link_dir=tmp_path / "link", mode="lockstep", cameras=(), seed=1)
+    try:
+        world.handle({"op": "start"})
+        assert not world._lockstep_ready(), "at the episode start lock-step waits for the first target"
+        world.handle({"op": "hold"})  # /arm/hold, the safety filter, a refused target
+        assert world._lockstep_ready() and world.holding
+        t0, pose = world.t, world.env.arm.ee_pose
+        for _ in range(20):
+            world.tick()
+        assert world.t == pytest.approx(t0 + 0.2) and np.abs(world.env.arm.ee_pose[:3] - pose[:3]).max() < 2e-3
+        assert world.add_target(world.t + 0.1, pose, None) == "" and not world.hold_requested, "a target resumes"
+        world.handle({"op": "stop"})
+        assert not world._lockstep_ready() or world.targets.ready(world.t, world.h)
+        world.handle({"op": "hold"})
+        assert not world.hold_requested, "between episodes a hold does not run the clock"
+    finally:
+        world.close()

@@ -61,7 +61,9 @@ def build(cfg, _rt_note, stop):
                       watch=p["mode"] == "realtime")
     lock = threading.RLock()
     measured = {"pose": None, "stamp": 0.0}
-    state = {"holding": None, "reasons": {}, "armed": False}  # armed: targets passed since the last hold
+    # armed: targets passed since the last hold; while an episode runs a hold is always sent (in lock-step
+    # the sim then runs on instead of waiting for targets that will not come)
+    state = {"holding": None, "reasons": {}, "armed": False, "episode_running": False}
     arm_hold = node.create_client(Trigger, "arm/hold")
     out_pub = node.create_publisher(MultiDOFJointTrajectory, "arm/target", qos("command"))
     state_pub = node.create_publisher(String, "safety/state", qos("latched"))
@@ -82,7 +84,7 @@ def build(cfg, _rt_note, stop):
         holding = bool(reasons)
         if holding == state["holding"] and reasons.keys() == state["reasons"].keys():
             return  # the same reasons (their texts carry ages that change every check)
-        if holding and not state["holding"] and state["armed"]:
+        if holding and not state["holding"] and (state["armed"] or state["episode_running"]):
             hold()
             state["armed"] = False
         state.update(holding=holding, reasons=dict(reasons))
@@ -162,7 +164,8 @@ def build(cfg, _rt_note, stop):
             return
         with lock:  # episodes start clean: no previous target, no latched reason (wrench, refusal)
             gate.checker.passed.clear()
-            if s.get("state") == "running":
+            state["episode_running"] = s.get("state") == "running"
+            if state["episode_running"]:
                 gate.clear_latched()
 
     def reset_srv(_req, resp):
