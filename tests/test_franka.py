@@ -51,7 +51,10 @@ def test_franka_backend_against_franka_sim(franka_sim):
         goal = s1.ee_pose.copy()
         goal[:3] += [0.05, 0.03, -0.05]
         _stream(arm, goal, 3.0)
-        s2 = _latest(arm)
+        s2, deadline = _latest(arm), time.monotonic() + 5.0
+        while np.linalg.norm(s2.ee_pose[:3] - goal[:3]) >= 0.003 and time.monotonic() < deadline:
+            time.sleep(0.1)  # franka-sim on a busy 2-core host runs slower than its 1 kHz wall clock
+            s2 = _latest(arm)
         assert np.linalg.norm(s2.ee_pose[:3] - goal[:3]) < 0.003, f"did not reach {goal[:3]}: {s2.ee_pose[:3]}"
 
         # a target outside the workspace is refused by the control process itself; the arm holds

@@ -111,7 +111,7 @@ def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
             assert reset.success, reset.message
             assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
 
-            def in_control(what: str, timeout: float = 60) -> None:
+            def in_control(what: str, timeout: float = 150) -> None:
                 """The safety state is ok and fresh targets reach the arm."""
                 t = time.monotonic()
                 probe.wait_for(lambda: safety_state(probe).get("state") == "ok" and arm_targets_since(probe, t) >= 16,
