@@ -34,11 +34,30 @@ def _stream(arm: FrankaArm, pose: np.ndarray, seconds: float) -> None:
         _latest(arm)
 
 
-def test_franka_backend_against_franka_sim(franka_sim):
-    limits = SafetyLimits(workspace_low=(0.2, -0.4, 0.2), workspace_high=(0.8, 0.4, 0.9), max_tilt_rad=1.0)
-    arm = FrankaArm(FrankaSettings("127.0.0.1", translational_stiffness=800.0, rotational_stiffness=40.0,
-                                   max_pos_error=0.02, max_rot_error=0.1,
-                                   home_qpos=(0.0, 0.0, 0.0, -1.5708, 0.0, 1.5708, 0.785)), limits, gripper=False)
+def _arm(limits: SafetyLimits | None = None) -> FrankaArm:
+    limits = limits or SafetyLimits(workspace_low=(0.2, -0.4, 0.2), workspace_high=(0.8, 0.4, 0.9), max_tilt_rad=1.0)
+    return FrankaArm(FrankaSettings("127.0.0.1", translational_stiffness=800.0, rotational_stiffness=40.0,
+                                    max_pos_error=0.02, max_rot_error=0.1,
+                                    home_qpos=(0.0, 0.0, 0.0, -1.5708, 0.0, 1.5708, 0.785)), limits, gripper=False)
+
+
+def _move(arm: FrankaArm, goal: np.ndarray, tol: float = 0.003):
+    """Stream `goal` for 3 s, then wait up to 5 s for the arm to settle on it (franka-sim on a busy
+    2-core host runs slower than its 1 kHz wall clock); the state it reached."""
+    _stream(arm, goal, 3.0)
+    s, deadline = _latest(arm), time.monotonic() + 5.0
+    while np.linalg.norm(s.ee_pose[:3] - goal[:3]) >= tol and not s.error and time.monotonic() < deadline:
+        time.sleep(0.1)
+        s = _latest(arm)
+    assert np.linalg.norm(s.ee_pose[:3] - goal[:3]) < tol, \
+        f"did not reach {goal[:3]}: {s.ee_pose[:3]} (error {s.error!r}, refusals {arm.refusals[-3:]})"
+    return s
+
+
+def test_franka_holds_moves_and_refuses(franka_sim_lenient):
+    """Impedance control on the real FCI protocol: hold without targets, follow a target stream,
+    refuse a target outside the workspace in the control process itself, stop cleanly."""
+    arm = _arm()
     try:
         s0 = _latest(arm, 10.0)
         assert s0.joint_pos.shape == (7,) and not s0.error
@@ -50,14 +69,8 @@ def test_franka_backend_against_franka_sim(franka_sim):
 
         goal = s1.ee_pose.copy()
         goal[:3] += [0.05, 0.03, -0.05]
-        _stream(arm, goal, 3.0)
-        s2, deadline = _latest(arm), time.monotonic() + 5.0
-        while np.linalg.norm(s2.ee_pose[:3] - goal[:3]) >= 0.003 and time.monotonic() < deadline:
-            time.sleep(0.1)  # franka-sim on a busy 2-core host runs slower than its 1 kHz wall clock
-            s2 = _latest(arm)
-        assert np.linalg.norm(s2.ee_pose[:3] - goal[:3]) < 0.003, f"did not reach {goal[:3]}: {s2.ee_pose[:3]}"
+        s2 = _move(arm, goal)
 
-        # a target outside the workspace is refused by the control process itself; the arm holds
         bad = goal.copy()
         bad[2] = 1.5
         arm.command(time.time() + 0.2, bad, None)
@@ -65,8 +78,18 @@ def test_franka_backend_against_franka_sim(franka_sim):
         s3 = _latest(arm)
         assert arm.refusals and "outside the workspace" in arm.refusals[-1]
         assert np.linalg.norm(s3.ee_pose[:3] - s2.ee_pose[:3]) < 0.003
+    finally:
+        arm.close()
+    assert arm.proc.exitcode == 0, "control process did not stop cleanly"
 
-        # a host hiccup (the control process stalls 300 ms) trips the communication reflex
+
+def test_franka_communication_reflex_and_recovery(franka_sim):
+    """franka-sim enforcing libfranka's communication constraints: a host hiccup (the control
+    process stalls 300 ms) trips the reflex, the backend reports it, recovers and controls again."""
+    arm = _arm()
+    try:
+        s = _latest(arm, 10.0)
+        assert not s.error, s.error
         os.kill(arm.proc.pid, signal.SIGSTOP)
         time.sleep(0.3)
         os.kill(arm.proc.pid, signal.SIGCONT)
@@ -81,8 +104,7 @@ def test_franka_backend_against_franka_sim(franka_sim):
         assert not s.error, "recovery did not clear the error"
         back = s.ee_pose.copy()
         back[:3] -= [0.03, 0.0, -0.03]
-        _stream(arm, back, 3.0)
-        assert np.linalg.norm(_latest(arm).ee_pose[:3] - back[:3]) < 0.003, "no control after recovery"
+        _move(arm, back)
     finally:
         arm.close()
     assert arm.proc.exitcode == 0, "control process did not stop cleanly"

@@ -113,6 +113,16 @@ def test_training_lowers_the_loss_and_beats_random_on_reach(reach_store, tmp_pat
     assert three.successes >= rnd.successes + 3 and one.successes >= rnd.successes, (one.to_dict(), three.to_dict())
 
 
+def test_training_depends_on_its_seed_not_on_what_ran_before(reach_store, tmp_path):
+    loop = LoopConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, eval_episodes=0, ckpt_every=0, log_every=1)
+    runs = []
+    for i, burn in enumerate((0, 1000)):
+        torch.rand(burn)  # another test drew from the global generator first
+        p, _ = train_diffusion([str(reach_store)], tmp_path / str(i), dict(SMALL), loop, progress=False)
+        runs.append(p.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_resume_continues_from_the_last_checkpoint(reach_store, tmp_path):
     loop = LoopConfig(steps=20, batch_size=16, lr=1e-3, warmup_steps=2, eval_episodes=0, ckpt_every=10, log_every=5)
     _, first = train_diffusion([str(reach_store)], tmp_path / "t", dict(SMALL), loop, progress=False)

@@ -218,6 +218,7 @@ def train_diffusion(stores: list[str], out: str | Path, pcfg: dict, loop: LoopCo
     missing = [k for k in keys if k not in spec.keys()]
     if missing:
         raise StoreError(f"store {opened[0].path}: no keys {missing} (it has {spec.keys()})")
+    torch.manual_seed(loop.seed)  # the initial weights depend on the seed only, not on what ran before
     policy = make_teacher(opened, keys, pcfg, cls)
     device = resolve_device(loop.device)
     policy.to(device)
