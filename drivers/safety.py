@@ -161,6 +161,8 @@ class SafetyGate:
     periods, or the server reports itself inactive); `refused` (a target failed the check; clears
     when a later one passes). Stream and heartbeat watchdogs run only while `watch` is on (real
     time: in lock-step the sim waits for every stream, so time cannot run away from a stalled one).
+    While a human drives (`human`, from the intervention mux) the heartbeat and the streams only the
+    policy reads are not required: the operator's twist has its own watchdog in the mux.
     """
 
     def __init__(self, limits: SafetyLimits, policy_period: float, wrench_limit: float, watch: bool = True):
@@ -169,12 +171,16 @@ class SafetyGate:
         # a fixed period (no history): two policy periods, however often the server says it is alive
         self.heartbeat = StreamWatchdog(policy_period, limits.watchdog_periods, history=0)
         self.policy_active = False
+        self.human = False
+        self.policy_streams: set[str] = set()  # streams watched for the policy only
         self._over = 0  # consecutive wrench samples above the limit
         self.reasons: dict[str, str] = {}
         self.checker = TargetChecker(limits)
 
     # ---- inputs --------------------------------------------------------------------------------
-    def watch_stream(self, topic: str, declared_period: float) -> None:
+    def watch_stream(self, topic: str, declared_period: float, policy_only: bool = False) -> None:
+        if policy_only:
+            self.policy_streams.add(topic)
         if topic not in self.streams:
             self.streams[topic] = StreamWatchdog(declared_period, self.limits.watchdog_periods,
                                                  min_age=self.limits.watchdog_min_s)
@@ -212,15 +218,17 @@ class SafetyGate:
             del self.reasons[key]
         if self.watch:
             for topic, w in self.streams.items():
+                if self.human and topic in self.policy_streams:
+                    continue
                 if w.stale(now):
                     age = w.age(now)
                     self.reasons[f"stream {topic}"] = (f"stream {topic} stale: " + ("no message yet" if age == float("inf")
                                                        else f"last {age * 1e3:.0f} ms ago, period {w.period * 1e3:.0f} ms"))
-            if self.heartbeat.stale(now):
+            if self.heartbeat.stale(now) and not self.human:
                 age = self.heartbeat.age(now)
                 self.reasons["policy heartbeat"] = "policy server heartbeat " + (
                     "never received" if age == float("inf") else f"missing for {age * 1e3:.0f} ms")
-        if not self.policy_active:
+        if not self.policy_active and not self.human:
             self.reasons["policy heartbeat"] = "policy server inactive"
         return self.reasons
 

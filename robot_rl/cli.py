@@ -31,8 +31,11 @@ VERBS: dict[str, dict[str, str]] = {
     "eval": {"": "closed-loop evaluation: ckpt=<ckpt> task=<task> episodes=N sampler=<ddpm100|ddim10|cm1|cm3>"},
     "launch": {"": "run a ROS 2 launch file: launch <file|sim_bringup|robot_bringup> [name:=value ...]"},
     "run": {"": "a policy on the sim robot through ROS 2: ckpt=<ckpt> [mode=lockstep|realtime] episodes=N"},
+    "record": {"": "demonstrations through ROS 2: task=<task> teleop=<keyboard|spacemouse|spacenav|joy> episodes=N "
+                   "[record=<store>] [operator=scripted]"},
+    "replay": {"": "a recorded episode's actions on the sim robot: replay <store> episode=K"},
 }
-PLANNED = {"record", "replay", "finetune"}
+PLANNED = {"finetune"}
 
 
 class UserError(Exception):
@@ -316,15 +319,25 @@ def cmd_learn(verb: str):
     return run
 
 
-def cmd_run(cfg: DictConfig, positional: str | None) -> int:
-    from robot_rl.hardware import HardwareConfigError
-    from robot_rl.policies.checkpoint import CheckpointError
-    from robot_rl.run_cli import RunError, run
+def cmd_graph(verb: str):
+    """The verbs that drive the ROS 2 graph (run, record) or replay what it recorded."""
+    def run(cfg: DictConfig, positional: str | None) -> int:
+        from robot_rl.hardware import HardwareConfigError
+        from robot_rl.policies.checkpoint import CheckpointError
+        from robot_rl.store import StoreError
 
-    try:
-        return run(cfg, console())
-    except (RunError, HardwareConfigError, CheckpointError) as e:
-        raise UserError(str(e)) from None
+        if verb == "run":
+            from robot_rl.run_cli import RunError
+            from robot_rl.run_cli import run as fn
+        else:
+            from robot_rl.record_cli import RunError, record, replay
+
+            fn = record if verb == "record" else (lambda c, con: replay(c, positional, con))
+        try:
+            return fn(cfg, console())
+        except (RunError, HardwareConfigError, CheckpointError, StoreError) as e:
+            raise UserError(str(e)) from None
+    return run
 
 
 COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
@@ -333,7 +346,7 @@ COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
     ("demo", ""): cmd_demo,
     **{("data", sub): cmd_data(sub) for sub in VERBS["data"]},
     **{(verb, ""): cmd_learn(verb) for verb in ("train", "distill", "eval")},
-    ("run", ""): cmd_run,
+    **{(verb, ""): cmd_graph(verb) for verb in ("run", "record", "replay")},
 }
 
 

@@ -40,6 +40,18 @@ def delta_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([dp, dr])
 
 
+def delta_to_action(delta: np.ndarray, gripper: float | None, scale, mask) -> tuple[np.ndarray, bool]:
+    """Inverse of action_to_delta: a 6-D delta (xyz, rotvec) and a gripper command → the normalised
+    ee_delta action (masked axes 0), and whether it had to be clipped to [-1, 1]."""
+    m = np.asarray(mask, dtype=bool)
+    a = np.zeros(7)
+    a[:6] = np.asarray(delta, dtype=np.float64)[:6] / np.asarray(scale, dtype=np.float64)[:6]
+    a[6] = 0.0 if gripper is None else float(gripper)
+    a = np.where(m, a, 0.0)
+    clipped = bool(np.any(np.abs(a) > 1.0 + 1e-6))
+    return np.clip(a, -1.0, 1.0), clipped
+
+
 def action_to_delta(action, scale, mask) -> tuple[np.ndarray, np.ndarray, float | None]:
     """A normalised ee_delta action → (Δxyz m, Δrotvec rad, gripper command or None): clipped to
     [-1, 1], masked, scaled. The sim env and the action executor both use it, so they agree exactly."""

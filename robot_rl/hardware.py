@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from robot_rl.drivers.teleop import DeviceMapping
 from robot_rl.spec import ActionSpec, Camera, ObsKey, Rates, RobotSpec, arm_state_keys, image_key
 
 
@@ -90,6 +91,28 @@ class FTSection:
 
 
 @dataclass(frozen=True)
+class TeleopSection:
+    """The operator's device (human-in-the-loop issue): `teleop_node` reads it, `intervention_mux`
+    integrates its twist. Deadband, scale and axis mapping per device (drivers/teleop.py)."""
+
+    device: str = "keyboard"  # keyboard | spacemouse | spacenav | joy | web (the operator console's joystick)
+    device_path: str = ""  # spacemouse: /dev/hidrawN ("" = find it); spacenav: socket; keyboard: FIFO ("" = terminal)
+    rate_hz: float = 50.0  # twist samples per second
+    engage: str = "both"  # button (toggles) | motion (above the deadband) | both
+    release_after_s: float = 0.5  # control taken by motion goes back after this long without motion
+    key_timeout_s: float = 0.6  # keyboard: an axis stops this long after its key stopped repeating
+    watchdog_ms: float = 100.0  # mux: a twist older than this is not integrated (the target holds)
+    keyboard: DeviceMapping = field(default_factory=lambda: DeviceMapping(deadband=0.0, max_linear=0.05))
+    spacemouse: DeviceMapping = field(default_factory=DeviceMapping)
+    spacenav: DeviceMapping = field(default_factory=DeviceMapping)
+    joy: DeviceMapping = field(default_factory=lambda: DeviceMapping(deadband=0.15))
+    web: DeviceMapping = field(default_factory=lambda: DeviceMapping(deadband=0.05))
+
+    def mapping(self) -> DeviceMapping:
+        return getattr(self, self.device)
+
+
+@dataclass(frozen=True)
 class TransportSection:
     rt_priority: int = 10  # SCHED_FIFO priority of camera and image-consumer processes (0: off)
     fastdds_profile: str = "shm"  # shm: the package's large-segment SHM profile | none | a file path
@@ -105,6 +128,7 @@ class HardwareConfig:
     safety: SafetySection = field(default_factory=SafetySection)
     cameras: tuple[CameraSection, ...] = ()
     ft: FTSection = field(default_factory=FTSection)
+    teleop: TeleopSection = field(default_factory=TeleopSection)
     transport: TransportSection = field(default_factory=TransportSection)
     source: str = ""
 
@@ -149,15 +173,39 @@ class HardwareConfig:
             "arm_node": {"arm": self.arm, "safety": self.safety, "rates": self.rates},
             "ft_node": {"ft": self.ft},
             "episode_manager": {"sim": self.sim},
+            "teleop_node": {"teleop": self.teleop},
+            "intervention_mux": {"teleop": self.teleop},
+            "web_console": {"teleop": self.teleop},
             "camera_node": {"camera": self.camera(camera)} if camera else {},
         }
         if node not in sections:
             raise HardwareConfigError(f"no ROS parameters for node '{node}' (nodes: {sorted(sections)})")
         out: dict[str, Any] = {}
+
+        def flat(prefix: str, d: dict) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    flat(f"{prefix}.{k}", v)
+                else:
+                    out[f"{prefix}.{k}"] = list(v) if isinstance(v, tuple) else v
+
         for prefix, section in sections[node].items():
-            for k, v in dataclasses.asdict(section).items():
-                out[f"{prefix}.{k}"] = list(v) if isinstance(v, tuple) else v
+            flat(prefix, dataclasses.asdict(section))
         return out
+
+
+def section_from_params(cls, params: dict[str, Any], prefix: str):
+    """A config section rebuilt from a node's flat `prefix.field[.sub]` parameters, so that `-p`
+    overrides apply; a wrong value is one HardwareConfigError line."""
+    tree: dict[str, Any] = {}
+    for k, v in params.items():
+        if k.startswith(prefix + "."):
+            *path, leaf = k[len(prefix) + 1:].split(".")
+            node = tree
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = v
+    return _build(cls, tree, "ROS parameters", prefix + ".")
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -204,8 +252,10 @@ def _build(cls, data: Any, src: str, where: str):
         kwargs[k] = _coerce(hints[k], v, src, f"{where}{k}")
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise HardwareConfigError(f"{src}: '{where or 'top level'}': {e}") from None
+    except HardwareConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a section's own check (e.g. a teleop mapping)
+        raise HardwareConfigError(f"{src}: '{where.rstrip('.') or 'top level'}': {e}") from None
 
 
 def _coerce(tp, v: Any, src: str, where: str):
@@ -238,7 +288,9 @@ def _check(cfg: HardwareConfig) -> None:
     src = cfg.source
     choices = {"kind": (cfg.kind, ("sim", "hardware")), "arm.backend": (cfg.arm.backend, ("mujoco", "franka")),
                "ft.backend": (cfg.ft.backend, ("mujoco", "netft", "robotiq_ft300")),
-               "sim.mode": (cfg.sim.mode, ("realtime", "lockstep"))}
+               "sim.mode": (cfg.sim.mode, ("realtime", "lockstep")),
+               "teleop.device": (cfg.teleop.device, ("keyboard", "spacemouse", "spacenav", "joy", "web")),
+               "teleop.engage": (cfg.teleop.engage, ("button", "motion", "both"))}
     choices.update({f"cameras.{c.name}.backend": (c.backend, ("mujoco", "opencv", "realsense")) for c in cfg.cameras})
     for where, (value, allowed) in choices.items():
         if value not in allowed:

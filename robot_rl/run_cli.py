@@ -27,19 +27,62 @@ class RunError(ValueError):
     """One line for the user."""
 
 
-def _client(domain: int):
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+class Graph:
+    """A launch file running as a subprocess (`robot-rl launch ...`, its log in `log`) and a client
+    node in this process to watch topics and call services, with deadlines that name what was awaited
+    and the graph's last log line when it stopped."""
 
-    from robot_rl.nodes.common import use_fast_transport
+    def __init__(self, launch_args: list[str], log: Path, name: str = "robot_rl_cli"):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
 
-    use_fast_transport()
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    node = rclpy.create_node("robot_rl_run", context=ctx)
-    ex = SingleThreadedExecutor(context=ctx)
-    ex.add_node(node)
-    return rclpy, ctx, node, ex
+        from robot_rl.nodes.common import use_fast_transport
+
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "launch", *launch_args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        use_fast_transport()
+        self.rclpy, self.ctx = rclpy, rclpy.Context()
+        rclpy.init(context=self.ctx, domain_id=int(os.environ.get("ROS_DOMAIN_ID", "0")))
+        self.node = rclpy.create_node(name, context=self.ctx)
+        self.ex = SingleThreadedExecutor(context=self.ctx)
+        self.ex.add_node(self.node)
+        self._clients: dict = {}
+
+    def spin_until(self, pred, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.ex.spin_once(timeout_sec=0.02)
+            if (out := pred()):
+                return out
+            if self.proc.poll() is not None:
+                self._log.flush()
+                last = (self.log_path.read_text().strip().splitlines() or [""])[-1]
+                raise RunError(f"the ROS graph stopped while waiting for {what} ({self.log_path}): {last}")
+        raise RunError(f"timed out after {timeout:.0f} s waiting for {what}; see {self.log_path}")
+
+    def call(self, srv_type, name: str, request, what: str, timeout: float = 60):
+        if name not in self._clients:
+            self._clients[name] = self.node.create_client(srv_type, name)
+        client = self._clients[name]
+        self.spin_until(client.service_is_ready, 120, f"service {name}")
+        fut = client.call_async(request)
+        self.spin_until(fut.done, timeout, what)
+        if not fut.result().success:
+            raise RunError(f"{what}: {fut.result().message}")
+        return fut.result()
+
+    def close(self) -> None:
+        self.node.destroy_node()
+        self.rclpy.shutdown(context=self.ctx)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
 
 
 def _cpu_seconds(launch_log: Path) -> dict[str, float]:
@@ -86,18 +129,15 @@ def run(cfg: DictConfig, console) -> int:
     max_steps = cfg.task.get("max_steps") or _load(TASKS[task].entry_point).default_max_steps
     dt = 1.0 / hw.rates.policy_hz
     seed = int(cfg.train.eval_seed)
-    domain = int(os.environ.get("ROS_DOMAIN_ID", "0"))
-    args = [sys.executable, "-m", "robot_rl.cli", "launch", "sim_policy", f"ckpt:={Path(cfg.ckpt).resolve()}",
+    args = ["sim_policy", f"ckpt:={Path(cfg.ckpt).resolve()}",
             f"hardware_config:={hw.source}", f"task:={task}", f"mode:={cfg.mode}", f"seed:={seed}",
             f"sampler:={cfg.sampler or 'auto'}", f"device:={cfg.device}",
             # real time: the next chunk is planned one step early, so it is there before the current one ends
             f"plan_ahead:={1 if cfg.mode == 'realtime' else 0}"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "run_launch.log", "w")
-    launch = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              preexec_fn=die_with_parent)
-    rclpy, ctx, node, ex = _client(domain)
+    g = Graph(args, out / "run_launch.log", "robot_rl_run")
+    node = g.node
     state: dict = {}
     clock = {"t": 0.0}
     node.create_subscription(String, "episode/state", lambda m: state.update(json.loads(m.data)), qos("latched"))
@@ -105,35 +145,13 @@ def run(cfg: DictConfig, console) -> int:
     diagnostics: dict[str, dict[str, str]] = {}  # the newest values per node
     node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diagnostics.update(
         {st.name.lstrip("/"): {kv.key: kv.value for kv in st.values} for st in m.status}), 10)
-    clients = {n: node.create_client(Trigger, f"episode/{n}") for n in ("reset", "start")}
-    stop_client = node.create_client(SetBool, "episode/stop")
-
-    def spin_until(pred, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ex.spin_once(timeout_sec=0.02)
-            if pred():
-                return
-            if launch.poll() is not None:
-                log.flush()
-                last = ((out / "run_launch.log").read_text().strip().splitlines() or [""])[-1]
-                raise RunError(f"the ROS graph stopped while waiting for {what} ({out / 'run_launch.log'}): {last}")
-        raise RunError(f"timed out after {timeout:.0f} s waiting for {what}; see {out / 'run_launch.log'}")
-
-    def call(client, request, what: str):
-        spin_until(client.service_is_ready, 120, f"service {client.srv_name}")
-        fut = client.call_async(request)
-        spin_until(fut.done, 60, what)
-        if not fut.result().success:
-            raise RunError(f"{what}: {fut.result().message}")
-        return fut.result()
 
     results = []
     try:
         for k in range(int(cfg.episodes)):
-            call(clients["reset"], Trigger.Request(), f"reset of episode {k}")
-            call(clients["start"], Trigger.Request(), f"start of episode {k}")
-            spin_until(lambda k=k: state.get("episode") == k and state.get("state") == "running", 30, "running")
+            g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
+            g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
+            g.spin_until(lambda k=k: state.get("episode") == k and state.get("state") == "running", 30, "running")
             t_start, t0 = time.monotonic(), state["t"]
             t_end = t0 + max_steps * dt
             seen = {"t": clock["t"], "wall": time.monotonic()}
@@ -146,26 +164,18 @@ def run(cfg: DictConfig, console) -> int:
                                    f"see {out / 'run_launch.log'}")
                 return bool(state.get("success") or state.get("failed") or clock["t"] >= t_end)
 
-            spin_until(over, max(600.0, 20 * max_steps * dt), f"episode {k}")
+            g.spin_until(over, max(600.0, 20 * max_steps * dt), f"episode {k}")
             success = bool(state.get("success"))
-            call(stop_client, SetBool.Request(data=success), f"stop of episode {k}")
+            g.call(SetBool, "episode/stop", SetBool.Request(data=success), f"stop of episode {k}")
             results.append({"episode": k, "seed": seed + k, "success": success,
                             "sim_s": round(clock["t"] - t0, 2), "wall_s": round(time.monotonic() - t_start, 2)})
             console.print(f"episode {k} (seed {seed + k}): {'success' if success else 'failure'} "
                           f"in {results[-1]['sim_s']} s sim, {results[-1]['wall_s']} s wall")
         t_diag = time.monotonic() + 1.5  # one more round of /diagnostics, with the final counters
-        spin_until(lambda: time.monotonic() >= t_diag, 3.0, "final diagnostics")
+        g.spin_until(lambda: time.monotonic() >= t_diag, 3.0, "final diagnostics")
         cpu = _cpu_seconds(out / "run_launch.log")
     finally:
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGINT)
-            try:
-                launch.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(launch.pid, signal.SIGKILL)
-        log.close()
+        g.close()
     n, s = len(results), sum(r["success"] for r in results)
     lo, hi = wilson_interval(s, n)
     table = Table(title=f"run {cfg.ckpt} on {task} through ROS 2 ({cfg.mode}, seeds {seed}..{seed + n - 1})")

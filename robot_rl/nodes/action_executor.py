@@ -1,10 +1,10 @@
 """`action_executor`: turns each action chunk (`policy/chunk`, delta poses stamped with the observation
 time) into absolute, time-stamped end-effector targets on `policy/target` (robot_rl.executor.ChunkExecutor)
 for the intervention mux / safety filter: composed on the commanded target, which resets to the
-measured pose when an episode starts and after every hold of the safety filter (`safety/state`:
-control changes hands); targets whose time has passed are skipped, never shifted. Reports late
-targets and chunks in /diagnostics. Lifecycle node: deactivate sends the hold last (one target at
-the measured pose, which replaces the buffered tail downstream)."""
+measured pose when an episode starts, after every hold of the safety filter (`safety/state`) and
+while a human drives (`intervention`): control changes hands. Targets whose time has passed are
+skipped, never shifted. Reports late targets and chunks in /diagnostics. Lifecycle node: deactivate
+sends the hold last (one target at the measured pose, which replaces the buffered tail downstream)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from robot_rl.nodes.common import (
 def build(cfg, _rt_note, stop):
     from geometry_msgs.msg import PoseStamped
     from rclpy.lifecycle import LifecycleNode
-    from std_msgs.msg import String
+    from std_msgs.msg import Header, String
     from trajectory_msgs.msg import MultiDOFJointTrajectory
 
     node = LifecycleNode("action_executor")
@@ -131,6 +131,12 @@ def build(cfg, _rt_note, stop):
                 ex.target = None
                 pending.clear()
 
+    def on_intervention(m) -> None:
+        if m.frame_id == "human":  # the operator drives: when control comes back, the next chunk starts fresh
+            with lock:
+                ex.target = None
+                pending.clear()
+
     def on_deactivate() -> None:
         with lock:
             pending.clear()
@@ -146,6 +152,7 @@ def build(cfg, _rt_note, stop):
     node.create_subscription(String, "episode/state", on_episode, qos("latched"))
     node.create_subscription(MultiDOFJointTrajectory, "policy/chunk", on_chunk, qos("command"))
     node.create_subscription(String, "safety/state", on_safety, qos("latched"))
+    node.create_subscription(Header, "intervention", on_intervention, qos("state"))
     if p["autostart"]:
         life.autostart()
     return node, None

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from robot_rl.recording import nearest
+
 FASTDDS_PROFILE = str(resources.files("robot_rl.nodes") / "fastdds_shm.xml")
 
 
@@ -146,6 +148,109 @@ def msg_to_targets(msg, frame: str = "base") -> list[tuple[float, np.ndarray, fl
 
 
 # ---- diagnostics ------------------------------------------------------------------------------------
+# ---- observations from the graph ---------------------------------------------------------------
+HISTORY = 64  # samples kept per stream
+
+
+def cell_spec(cfg, task: str | None = None):
+    """The robot spec a cell's graph offers: the hardware config's keys, plus in sim the task's
+    sim-only object keys and its action mask."""
+    import dataclasses
+
+    spec = cfg.robot_spec()
+    if not cfg.is_sim:
+        return spec
+    from robot_rl.sim.registry import TASKS, _load
+    from robot_rl.spec import ActionSpec, object_key
+
+    cls = _load(TASKS[task or cfg.sim.task].entry_point)
+    return dataclasses.replace(spec, observations=spec.observations + tuple(
+        object_key(o, spec.rates.policy_hz) for o in cls.objects), action=ActionSpec(mask=cls.mask)).validate()
+
+
+class ObservationBuffers:
+    """Per-key sample histories fed by the graph's topics (joint_states, arm/ee_pose, ft/wrench,
+    sim/object/<name>, <camera>/image_policy or, at full resolution, image_raw), matched to a step
+    time by stamp: state within half a 100 Hz period, images within half a frame period."""
+
+    def __init__(self, node, keys, cfg, cond: threading.Condition, full_resolution: bool = False,
+                 history: int = HISTORY, image_history: int | None = None):
+        from geometry_msgs.msg import PoseStamped, WrenchStamped
+        from sensor_msgs.msg import Image, JointState
+
+        self.cond = cond
+        self.bufs: dict[str, deque] = {
+            k: deque(maxlen=(image_history or history) if k.startswith("image.") else history) for k in keys}
+        self.tol = {k: 0.006 for k in keys}
+        self.received = {k: 0 for k in keys}
+        node.create_subscription(JointState, "joint_states", self._on_joints, qos("state"))
+        node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: self.put(
+            "state.ee_pose", m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), qos("state"))
+        node.create_subscription(WrenchStamped, "ft/wrench", lambda m: self.put("state.wrench", m.header.stamp, np.array(
+            [m.wrench.force.x, m.wrench.force.y, m.wrench.force.z, m.wrench.torque.x, m.wrench.torque.y,
+             m.wrench.torque.z], np.float32)), qos("state"))
+        for key in keys:
+            if key.startswith("state.object."):
+                node.create_subscription(PoseStamped, f"sim/object/{key.split('.', 2)[2]}", lambda m, k=key: self.put(
+                    k, m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), qos("state"))
+            elif key.startswith("image."):
+                cam = key.split(".", 1)[1]
+                self.tol[key] = 0.5 / cfg.camera(cam).rate_hz
+                topic = f"{cam}/image_raw" if full_resolution else f"{cam}/image_policy"
+                node.create_subscription(Image, topic, lambda m, k=key: self.put(
+                    k, m.header.stamp, np.frombuffer(m.data, np.uint8).reshape(m.height, m.width, 3).copy()),
+                    qos("image"))
+
+    def _on_joints(self, m) -> None:
+        pos = np.asarray(m.position, dtype=np.float32)
+        self.put("state.joint_pos", m.header.stamp, pos[:7])
+        self.put("state.joint_vel", m.header.stamp, np.asarray(m.velocity, dtype=np.float32)[:7])
+        self.put("state.gripper", m.header.stamp, pos[7:8])
+
+    def put(self, key: str, stamp, value) -> None:
+        if key in self.bufs:
+            with self.cond:
+                self.bufs[key].append((stamp_to_sec(stamp), value))
+                self.received[key] += 1
+                self.cond.notify_all()
+
+    def at(self, t: float) -> dict | None:
+        """The observation at step time t (call with the condition held), or None while incomplete."""
+        obs = {}
+        for k, buf in self.bufs.items():
+            hit = nearest(buf, t, self.tol[k])
+            if hit is None:
+                return None
+            obs[k] = hit[1]
+        return obs
+
+
+class TeleopOutput:
+    """What a teleop device publishes (teleop_node, the web console): `teleop/twist` (TwistStamped,
+    base frame) and `teleop/state` (sensor_msgs/Joy, same stamp: axes [gripper, NaN = unchanged],
+    buttons [engaged])."""
+
+    def __init__(self, node):
+        from geometry_msgs.msg import TwistStamped
+        from sensor_msgs.msg import Joy
+
+        self.node = node
+        self.twist_pub = node.create_publisher(TwistStamped, "teleop/twist", qos("command"))
+        self.state_pub = node.create_publisher(Joy, "teleop/state", qos("command"))
+        self.twist, self.state = TwistStamped(), Joy()
+        self.twist.header.frame_id = self.state.header.frame_id = "base"
+
+    def publish(self, twist: np.ndarray, gripper: float | None, engaged: bool) -> None:
+        stamp = self.node.get_clock().now().to_msg()
+        self.twist.header.stamp = self.state.header.stamp = stamp
+        v, w = self.twist.twist.linear, self.twist.twist.angular
+        v.x, v.y, v.z, w.x, w.y, w.z = (float(x) for x in twist)
+        self.state.axes = [float(gripper) if gripper is not None else float("nan")]
+        self.state.buttons = [int(engaged)]
+        self.twist_pub.publish(self.twist)
+        self.state_pub.publish(self.state)
+
+
 class RateMeter:
     """Samples per second and age of the last sample, over a sliding window of arrival times."""
 

@@ -9,14 +9,15 @@ import json
 import threading
 
 from robot_rl.drivers.sim_link import LinkClient, LinkError, default_link_dir
-from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node, stamp_to_sec
+from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node, sec_to_stamp, stamp_to_sec
 
 STATES = ("idle", "ready", "running", "stopped")
 
 
 def build(cfg, _rt_note, stop):
+    from geometry_msgs.msg import Vector3Stamped
     from rclpy.node import Node
-    from std_msgs.msg import Float32, String
+    from std_msgs.msg import String
     from std_srvs.srv import SetBool, Trigger
 
     node = Node("episode_manager")
@@ -29,7 +30,8 @@ def build(cfg, _rt_note, stop):
     ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "failed": False, "t": 0.0}
     diag, meter = Diagnostics(node), RateMeter()
     state_pub = node.create_publisher(String, "episode/state", qos("latched"))
-    reward_pub = node.create_publisher(Float32, "episode/reward", qos("state"))
+    reward_pub = node.create_publisher(Vector3Stamped, "episode/reward", qos("state"))
+    reward = Vector3Stamped()
 
     def announce() -> None:
         state_pub.publish(String(data=json.dumps(ep)))
@@ -107,7 +109,10 @@ def build(cfg, _rt_note, stop):
                 continue  # (a reset holds the lock while it waits for reset_done: never block here then)
             with lock:
                 if ep["state"] == "running":
-                    reward_pub.publish(Float32(data=float(msg["reward"])))
+                    sec_to_stamp(msg["t"], reward.header.stamp)
+                    reward.vector.x = float(msg["reward"])
+                    reward.vector.y, reward.vector.z = float(bool(msg["success"])), float(bool(msg.get("failed")))
+                    reward_pub.publish(reward)
                     if (msg["success"] and not ep["success"]) or (msg.get("failed") and not ep["failed"]):
                         ep["success"], ep["failed"] = ep["success"] or msg["success"], ep["failed"] or msg["failed"]
                         announce()

@@ -17,12 +17,10 @@ says `inactive` last.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +28,14 @@ import numpy as np
 from robot_rl.nodes.common import (
     Diagnostics,
     Lifecycle,
+    ObservationBuffers,
     RateMeter,
+    cell_spec,
     declare,
-    msg_to_pose,
     qos,
     run_node,
-    stamp_to_sec,
     targets_to_msg,
 )
-
-HISTORY = 64  # samples kept per stream
-
-
-def _nearest(buf: deque, t: float, tol: float):
-    """The sample nearest to time t within tol, or None."""
-    best = None
-    for stamp, value in reversed(buf):
-        if abs(stamp - t) <= tol and (best is None or abs(stamp - t) < abs(best[0] - t)):
-            best = (stamp, value)
-        if stamp < t - tol:
-            break
-    return best
-
 
 
 def _file_sha256(path: Path) -> str:
@@ -82,10 +66,8 @@ def observation_streams(pcfg, cfg) -> dict[str, float]:
 
 def build(cfg, _rt_note, stop):
     import torch
-    from geometry_msgs.msg import PoseStamped, WrenchStamped
     from rclpy.lifecycle import LifecycleNode
     from scipy.spatial.transform import Rotation
-    from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import Header, String
     from trajectory_msgs.msg import MultiDOFJointTrajectory
 
@@ -103,20 +85,12 @@ def build(cfg, _rt_note, stop):
     device = "cuda" if p["device"] == "auto" and torch.cuda.is_available() else ("cpu" if p["device"] == "auto" else p["device"])
     if device == "cpu":  # beside the sim and drivers, one intra-op thread: no OpenMP barrier waits on a busy core
         torch.set_num_threads(max(1, int(p["cpu_threads"])))
-    graph = cfg.robot_spec()
-    if cfg.is_sim:  # the sim offers its task's sim-only keys too
-        from robot_rl.sim.registry import TASKS, _load
-        from robot_rl.spec import object_key
-
-        objects = _load(TASKS[p["sim.task"]].entry_point).objects
-        graph = dataclasses.replace(graph, observations=graph.observations + tuple(
-            object_key(o, graph.rates.policy_hz) for o in objects))
+    graph = cell_spec(cfg, p["sim.task"])  # in sim with the task's sim-only keys
     dt = 1.0 / cfg.rates.policy_hz
     lock = threading.Condition()
     ep = {"episode": None, "running": False, "t_next": None, "reset_seed": None}
     s: dict = {"version": 0, "sha256": "", "path": "", "pending": None}  # the served model and a reload in waiting
-    bufs: dict[str, deque] = {}
-    tol: dict[str, float] = {}
+    obs_in: dict[str, ObservationBuffers] = {}  # created when configured (the keys come from the checkpoint)
     chunk_pub = node.create_publisher(MultiDOFJointTrajectory, "policy/chunk", qos("command"))
     beat_pub = node.create_publisher(Header, "policy/heartbeat", qos("state"))
     info_pub = node.create_publisher(String, "policy/info", qos("latched"))
@@ -159,18 +133,6 @@ def build(cfg, _rt_note, stop):
         return p["sampler"] if p["sampler"] not in ("", "auto") else {"consistency": "cm1", "bc": "bc"}.get(
             s["policy"].kind, "ddim10")
 
-    def put(key: str, stamp, value) -> None:
-        if key in bufs:
-            with lock:
-                bufs[key].append((stamp_to_sec(stamp), value))
-                lock.notify_all()
-
-    def on_joints(m) -> None:
-        pos = np.asarray(m.position, dtype=np.float32)
-        put("state.joint_pos", m.header.stamp, pos[:7])
-        put("state.joint_vel", m.header.stamp, np.asarray(m.velocity, dtype=np.float32)[:7])
-        put("state.gripper", m.header.stamp, pos[7:8])
-
     def on_episode(m) -> None:
         state = json.loads(m.data)
         with lock:
@@ -190,29 +152,13 @@ def build(cfg, _rt_note, stop):
         if not 0 <= plan_ahead < agent.n_act:
             raise ValueError(f"policy_server: plan_ahead {plan_ahead} must be in [0, n_action_steps={agent.n_act})")
         pcfg = policy.cfg
-        for k in (*pcfg.state_keys, *pcfg.image_keys):
-            bufs[k], tol[k] = deque(maxlen=HISTORY), 0.006  # half a 100 Hz period; cameras: half a frame period
-        node.create_subscription(JointState, "joint_states", on_joints, qos("state"))
-        node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: put(
-            "state.ee_pose", m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), qos("state"))
-        node.create_subscription(WrenchStamped, "ft/wrench", lambda m: put("state.wrench", m.header.stamp, np.array(
-            [m.wrench.force.x, m.wrench.force.y, m.wrench.force.z, m.wrench.torque.x, m.wrench.torque.y,
-             m.wrench.torque.z], np.float32)), qos("state"))
-        for key in pcfg.state_keys:
-            if key.startswith("state.object."):
-                name = key.split(".", 2)[2]
-                node.create_subscription(PoseStamped, f"sim/object/{name}", lambda m, k=key: put(
-                    k, m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), qos("state"))
-        for key in pcfg.image_keys:
-            cam = key.split(".", 1)[1]
-            tol[key] = 0.5 / graph.camera(cam).rate_hz
-            node.create_subscription(Image, f"{cam}/image_policy", lambda m, k=key: put(
-                k, m.header.stamp, np.frombuffer(m.data, np.uint8).reshape(m.height, m.width, 3).copy()), qos("image"))
+        obs_in["buffers"] = ObservationBuffers(node, [*pcfg.state_keys, *pcfg.image_keys], cfg, lock)
         node.create_subscription(String, "episode/state", on_episode, qos("latched"))
         node.create_subscription(String, "policy/weights", on_weights, qos("latched"))
         warmup_ms = warm_up(agent)
-        node.get_logger().info(f"policy_server ready: {policy.kind} from {p['ckpt']} on {device}, sampler {sampler()}, "
-                               f"keys {list(bufs)}; warm-up chunks {', '.join(f'{x:.0f}' for x in warmup_ms)} ms")
+        node.get_logger().info(f"policy_server ready: {policy.kind} from {p['ckpt']} on {device}, "
+                               f"sampler {sampler()}, keys {list(obs_in['buffers'].bufs)}; "
+                               f"warm-up chunks {', '.join(f'{x:.0f}' for x in warmup_ms)} ms")
 
     # ---- hot reload: verify, load and warm up in the background; swap between two inferences --------
     def on_weights(m) -> None:
@@ -269,15 +215,6 @@ def build(cfg, _rt_note, stop):
     if p["autostart"]:
         life.autostart()
 
-    def observation(t: float) -> dict | None:
-        obs = {}
-        for k, buf in bufs.items():
-            hit = _nearest(buf, t, tol[k])
-            if hit is None:
-                return None
-            obs[k] = hit[1]
-        return obs
-
     def loop() -> None:
         while not stop.is_set():
             with lock:
@@ -290,6 +227,8 @@ def build(cfg, _rt_note, stop):
                 if ep["reset_seed"] is not None:  # a new episode: fresh windows, noise seeded by the episode's seed
                     agent.reset(policy_rng(ep["reset_seed"]))
                     ep["reset_seed"] = None
+                ob = obs_in["buffers"]
+                bufs, tol = ob.bufs, ob.tol
                 newest = [b[-1][0] for b in bufs.values() if b]
                 if ep["t_next"] is None or (len(newest) == len(bufs) and any(
                         b[0][0] > ep["t_next"] + tol[k] for k, b in bufs.items())):
@@ -300,7 +239,7 @@ def build(cfg, _rt_note, stop):
                         lock.wait(0.04)
                         continue
                 t = ep["t_next"]
-                obs = observation(t)
+                obs = ob.at(t)
                 if obs is None:
                     lock.wait(0.04)
                     continue

@@ -3,10 +3,10 @@ arm_node, which re-checks). Targets from `safety/input` (absolute, time-stamped;
 output when there is one) pass to `arm/target` only while no hold reason is active
 (robot_rl.drivers.safety.SafetyGate): e-stop, wrench over the limit, a stale observation stream
 (the arm's, plus the streams the policy server announces in `policy/info`), a missing or inactive
-policy heartbeat, a refused target. On a new hold it calls `arm/hold` — the arm holds its measured
-pose even with targets still buffered — and publishes the reason on the latched `safety/state`
-(JSON), which the executor follows (control restarts from the measured pose). Lifecycle node:
-deactivate holds the arm last.
+policy heartbeat (not while a human drives: `intervention`), a refused target. On a new hold it
+calls `arm/hold` — the arm holds its measured pose even with targets still buffered — and
+publishes the reason on the latched `safety/state` (JSON), which the executor follows (control
+restarts from the measured pose). Lifecycle node: deactivate holds the arm last.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def build(cfg, _rt_note, stop):
             if topic in gate.streams:
                 continue
             with lock:
-                gate.watch_stream(topic, period)
+                gate.watch_stream(topic, period, policy_only=topic not in OWN_STREAMS)
             if topic not in OWN_STREAMS:
                 msg_type = stream_type(topic)
                 node.create_subscription(msg_type, topic, lambda msg, t=topic: feed(t, msg),
@@ -151,6 +151,10 @@ def build(cfg, _rt_note, stop):
     def on_heartbeat(m: Header) -> None:
         with lock:
             gate.beat(now(), m.frame_id == "active")
+
+    def on_intervention(m: Header) -> None:
+        with lock:
+            gate.human = m.frame_id == "human"
 
     def on_estop(m) -> None:
         with lock:
@@ -187,6 +191,7 @@ def build(cfg, _rt_note, stop):
     node.create_subscription(WrenchStamped, "ft/wrench", on_wrench, qos("state"))
     node.create_subscription(Header, "policy/heartbeat", on_heartbeat, qos("state"))
     node.create_subscription(String, "policy/info", on_info, qos("latched"))
+    node.create_subscription(Header, "intervention", on_intervention, qos("state"))
     node.create_subscription(Bool, "estop", on_estop, qos("latched"))
     node.create_subscription(String, "episode/state", on_episode, qos("latched"))
     node.create_service(Trigger, "safety/reset", reset_srv)

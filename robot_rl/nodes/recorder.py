@@ -1,0 +1,214 @@
+"""`recorder`: follows the episode manager and writes each episode into a zarr episode store
+(robot_rl.store.EpisodeWriter: crash-safe, committed atomically at the episode's stop).
+
+Per policy step (robot_rl.recording.StepAssembler): every observation key of the cell at full
+resolution (cameras from `image_raw`), the executed action (from `arm/target`, what passed the
+safety filter), the policy's proposed action (`policy/target`), the intervention flag
+(`intervention`), the task reward (`episode/reward`). An episode stopped with success/failure is
+committed with that label; an abort, or `recorder/discard` while it runs, drops it. Samples that
+arrive too late for their step are counted per key (`dropped` in the episode's metadata, in
+`recorder/status` and in /diagnostics), never silently. `recorder/status` (latched JSON) says what
+the store holds and what is being recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+
+from robot_rl.nodes.common import (
+    Diagnostics,
+    ObservationBuffers,
+    cell_spec,
+    declare,
+    msg_to_targets,
+    qos,
+    run_node,
+    stamp_to_sec,
+)
+from robot_rl.recording import StepAssembler, nearest
+
+LOOP_PERIOD_S = 0.01
+STATE_HISTORY = 512  # samples per state stream (5 s at 100 Hz); cameras keep 1 s of frames
+SETTLE_S = 0.3  # after a stop, wait this long (wall) for samples still in flight
+
+
+def _route(asm: StepAssembler, kind: str, item: tuple) -> None:
+    if kind in ("executed", "proposed"):
+        asm.add_target(*item, executed=kind == "executed")
+    elif kind == "flags":
+        asm.add_flag(*item)
+    else:
+        asm.add_reward(*item)
+
+
+def build(cfg, _rt_note, stop):
+    from geometry_msgs.msg import Vector3Stamped
+    from rclpy.node import Node
+    from std_msgs.msg import Header, String
+    from std_srvs.srv import Trigger
+    from trajectory_msgs.msg import MultiDOFJointTrajectory
+
+    from robot_rl.store import EpisodeWriter, StoreError
+
+    node = Node("recorder")
+    p = declare(node, {"hardware_config": cfg.source, "store": "", "task": cfg.sim.task, "source": "auto",
+                       "operator": "", "image_codec": "blosc_zstd"})
+    if not p["store"]:
+        raise ValueError("recorder: set the store: -p store:=<path.zarr>")
+    spec = cell_spec(cfg, p["task"])
+    writer = EpisodeWriter(p["store"], spec, image_codec=p["image_codec"])
+    node.close = writer.close
+    keys = [k.name for k in spec.observations]
+    cond = threading.Condition()
+    fps = max((c.rate_hz for c in cfg.cameras), default=30.0)
+    obs_in = ObservationBuffers(node, keys, cfg, cond, full_resolution=True, history=STATE_HISTORY,
+                                image_history=int(fps) + 1)
+    dt = 1.0 / cfg.rates.policy_hz
+    side: dict[str, list] = {"executed": [], "proposed": [], "flags": [], "rewards": []}  # until an episode starts
+    rec: dict = {"asm": None, "episode": None, "t0": None, "label": None, "stop_at": None, "policy_seen": False,
+                 "seed": None, "discard": False}
+    totals = {"episodes": writer.n_episodes, "steps": writer.n_steps, "dropped": 0, "discarded": 0}
+    status_pub = node.create_publisher(String, "recorder/status", qos("latched"))
+    diag = Diagnostics(node)
+
+    def status() -> dict:
+        asm = rec["asm"]
+        return {"store": str(p["store"]), **totals, "recording": asm is not None,
+                "episode": rec["episode"], "episode_steps": writer.episode_steps,
+                "episode_dropped": dict(asm.dropped) if asm else {}}
+
+    def announce() -> None:
+        status_pub.publish(String(data=json.dumps(status())))
+
+    def feed(kind: str, item) -> None:
+        with cond:
+            asm = rec["asm"]
+            if asm is None:
+                side[kind].append(item)
+                del side[kind][:-256]
+                return
+            _route(asm, kind, item)
+
+    def on_targets(kind: str):
+        def cb(m) -> None:
+            try:
+                targets = msg_to_targets(m)
+            except ValueError:
+                return  # the safety filter refuses it; nothing was executed
+            for t, pose, g in targets:
+                feed(kind, (t, pose, g))
+        return cb
+
+    def on_episode(m) -> None:
+        try:
+            s = json.loads(m.data)
+        except ValueError:
+            return
+        with cond:
+            if s.get("state") == "running" and s.get("episode") != rec["episode"] and rec["t0"] is None:
+                rec.update(episode=s["episode"], t0=float(s["t"]), seed=s.get("seed"), label=None, stop_at=None,
+                           discard=False)
+            elif s.get("state") == "stopped" and s.get("episode") == rec["episode"] and rec["t0"] is not None:
+                newest = obs_in.bufs["state.ee_pose"]
+                rec.update(label=s.get("label"), stop_at=newest[-1][0] if newest else rec["t0"],
+                           stop_wall=time.monotonic())
+            cond.notify_all()
+
+    def discard_srv(_req, resp):
+        with cond:
+            if rec["t0"] is None:
+                resp.success, resp.message = False, "no episode is being recorded"
+            else:
+                rec["discard"] = True
+                resp.success, resp.message = True, f"episode {rec['episode']} will not be stored"
+        return resp
+
+    def begin() -> None:
+        """The episode started: open it once the measured pose at its start time is in."""
+        hit = nearest(obs_in.bufs["state.ee_pose"], rec["t0"], obs_in.tol["state.ee_pose"])
+        if hit is None:
+            return
+        g = nearest(obs_in.bufs["state.gripper"], rec["t0"], obs_in.tol["state.gripper"])
+        asm = StepAssembler(rec["t0"], dt, obs_in.bufs, obs_in.tol, spec.action.scale, spec.action.mask,
+                            hit[1], start_gripper=2.0 * float(g[1][0]) - 1.0 if g else -1.0)
+        for kind, items in side.items():  # what arrived between the start and now
+            for item in items:
+                if item[0] >= rec["t0"] - dt:
+                    _route(asm, kind, item)
+            items.clear()
+        source = p["source"] if p["source"] != "auto" else ("hil" if rec["policy_seen"] else "teleop")
+        writer.begin_episode(source, task=p["task"] if cfg.is_sim else "", operator=p["operator"],
+                             start_time=time.time(), seed=rec["seed"], episode=rec["episode"], stamp0=rec["t0"])
+        rec["asm"] = asm
+        announce()
+
+    def write(steps) -> None:
+        for st in steps:
+            writer.add_step(st.obs, st.action, timestamp=st.stamp, reward=st.reward, intervention=st.intervention,
+                            action_policy=None if np.isnan(st.action_policy).all() else st.action_policy)
+
+    def finish() -> None:
+        asm = rec["asm"]
+        write(asm.ready_steps(rec["stop_at"], final=True))
+        label, dropped = rec["label"], dict(asm.dropped)
+        totals["dropped"] += sum(dropped.values())
+        if label == "abort" or rec["discard"] or writer.episode_steps == 0:
+            writer.discard_episode()
+            totals["discarded"] += 1
+            node.get_logger().info(f"recorder: episode {rec['episode']} not stored ({label or 'discarded'})")
+        else:
+            k = writer.end_episode(success=label == "success", label=label, dropped=dropped,
+                                   clipped_actions=asm.clipped)
+            totals.update(episodes=writer.n_episodes, steps=writer.n_steps)
+            node.get_logger().info(f"recorder: episode {rec['episode']} stored as {k} ({label}, "
+                                   f"{writer.n_steps} steps in the store, dropped {dropped or 'none'})")
+        rec.update(asm=None, t0=None)
+        announce()
+
+    node.create_subscription(String, "episode/state", on_episode, qos("latched"))
+    node.create_subscription(MultiDOFJointTrajectory, "arm/target", on_targets("executed"), qos("command"))
+    node.create_subscription(MultiDOFJointTrajectory, "policy/target", on_targets("proposed"), qos("command"))
+    node.create_subscription(Header, "intervention", lambda m: feed(
+        "flags", (stamp_to_sec(m.stamp), m.frame_id == "human")), qos("state"))
+    node.create_subscription(Vector3Stamped, "episode/reward", lambda m: feed(
+        "rewards", (stamp_to_sec(m.header.stamp), m.vector.x)), qos("state"))
+    node.create_subscription(String, "policy/info", lambda _m: rec.update(policy_seen=True), qos("latched"))
+    node.create_service(Trigger, "recorder/discard", discard_srv)
+    announce()
+
+    def loop() -> None:
+        while not stop.is_set():
+            with cond:
+                cond.wait(LOOP_PERIOD_S)
+                if rec["t0"] is not None and rec["asm"] is None:
+                    begin()
+                asm = rec["asm"]
+                try:
+                    if asm is not None and rec["stop_at"] is not None:
+                        if time.monotonic() - rec["stop_wall"] >= SETTLE_S:
+                            finish()
+                    elif asm is not None:
+                        newest = obs_in.bufs["state.ee_pose"]
+                        write(asm.ready_steps(newest[-1][0] if newest else asm.t0))
+                except StoreError as e:  # never crash on one bad step: drop the episode and say why
+                    diag.error(f"recorder: episode {rec['episode']} dropped: {e}")
+                    writer.discard_episode()
+                    totals["discarded"] += 1
+                    rec.update(asm=None, t0=None)
+                    announce()
+            diag.maybe_publish({k: v for k, v in status().items() if not isinstance(v, dict)},
+                               level_ok=totals["dropped"] == 0)
+
+    return node, loop
+
+
+def main() -> int:
+    return run_node(build)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""`robot-rl record task=<task> teleop=<keyboard|spacemouse|spacenav|joy> episodes=N [record=<store>]
+[operator=<name>|scripted]`: demonstrations recorded through the ROS 2 graph (`launch/sim_teleop`:
+sim, drivers, teleop node, intervention mux, safety filter, recorder) into a zarr episode store.
+
+The operator is guided episode by episode: `o` resets and starts the next episode, `y` / `n` stop it
+as a success / failure, `b` aborts it (not stored). With the keyboard the same terminal drives the
+arm (its keys go to the teleop node through a FIFO). `operator=scripted` drives the keyboard path
+itself (drivers.teleop.ScriptedOperator following the task's scripted expert): for tests, benchmarks
+and a demo without a person.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from robot_rl.run_cli import Graph, RunError
+
+OPERATOR_KEYS = "o: reset + start   y: success   n: failure   b: abort (not stored)"
+WAYPOINT_SPACING_M = 0.02
+SCRIPTED_TOLERANCE_M = 0.004
+GRIPPER_WAIT_S = 1.0
+
+
+def expert_waypoints(task: str, seed: int) -> list[tuple[np.ndarray, float | None]]:
+    """The scripted expert's end-effector path on the episode with this seed, as waypoints at least
+    WAYPOINT_SPACING_M apart, plus every point where its gripper command changes sign (with it)."""
+    from robot_rl.rollout import policy_rng
+    from robot_rl.sim import make_env, make_expert
+
+    env = make_env(task)
+    obs, _ = env.reset(seed=seed)
+    expert = make_expert(env)
+    expert.reset(policy_rng(seed))
+    mask = env.unwrapped.mask
+    path: list[tuple[np.ndarray, float | None]] = []
+    grip = None
+    for _ in range(env.unwrapped.max_steps):
+        action = expert.act(obs)
+        g = float(np.sign(action[6])) if mask[6] and action[6] != 0 else None
+        here = env.unwrapped.arm.ee_pose[:3].copy()
+        if g is not None and g != grip and grip is not None:
+            path.append((here, g))  # close (or open) here
+        elif not path or np.linalg.norm(here - path[-1][0]) >= WAYPOINT_SPACING_M:
+            path.append((here, None))
+        grip = g if g is not None else grip
+        obs, _, terminated, truncated, info = env.step(action)
+        if info.get("success") or terminated or truncated:
+            break
+    path.append((env.unwrapped.arm.ee_pose[:3].copy(), None))
+    env.close()
+    return path
+
+
+class KeyPipe:
+    """The writing end of the teleop node's keyboard FIFO; as a device of the scripted operator it
+    types what a person would."""
+
+    def __init__(self, fifo: Path, g: Graph):
+        def opened() -> bool:
+            try:
+                self.fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                return True
+            except OSError:  # no reader yet: the teleop node is starting
+                return False
+
+        g.spin_until(opened, 120, "the teleop node to open its keyboard FIFO")
+
+    def send(self, keys: str | bytes) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.fd, keys.encode() if isinstance(keys, str) else keys)
+
+    def halt(self) -> None:
+        self.send(" ")
+
+    def drive(self, op, err: np.ndarray) -> None:
+        self.send(op.keys(err))
+
+    def toggle_gripper(self) -> None:
+        self.send("g")
+
+
+class WebJoystick:
+    """The web console's joystick, posted to as the page does (`POST /teleop`)."""
+
+    def __init__(self, url: str, token: str = ""):
+        self.url, self.token = url.rstrip("/"), token
+        self.gripper = -1.0
+
+    def post(self, body: dict) -> dict:
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}/teleop", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Token": self.token})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def halt(self) -> None:
+        self.post({"axes": [0.0] * 6})
+
+    def drive(self, op, err: np.ndarray) -> None:
+        self.post({"axes": op.axes(err, full_scale_m=0.02).tolist()})
+
+    def toggle_gripper(self) -> None:
+        self.gripper = -self.gripper
+        self.post({"axes": [0.0] * 6, "gripper": self.gripper})
+
+
+@contextlib.contextmanager
+def terminal():
+    """The terminal in cbreak mode (keys one by one, not echoed); restored on the way out."""
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield lambda: os.read(fd, 64) if select.select([fd], [], [], 0)[0] else b""
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+
+def record(cfg: DictConfig, console) -> int:
+    from geometry_msgs.msg import PoseStamped
+    from rich.table import Table
+    from rosgraph_msgs.msg import Clock
+    from std_msgs.msg import String
+    from std_srvs.srv import SetBool, Trigger
+
+    from robot_rl.drivers.teleop import KEY_HELP, ScriptedOperator
+    from robot_rl.hardware import load_hardware_config
+    from robot_rl.nodes.common import msg_to_pose, qos, stamp_to_sec
+    from robot_rl.sim.registry import TASKS, _load
+
+    hw = load_hardware_config(cfg.hardware_config)
+    task, teleop, operator = cfg.task.name, str(cfg.teleop), str(cfg.operator or "")
+    scripted = operator == "scripted"
+    if not hw.is_sim:
+        raise RunError(f"hardware config '{cfg.hardware_config}' is a real cell: record with `robot-rl launch "
+                       f"robot_teleop hardware_config:={cfg.hardware_config} store:=<store>` and the episode services "
+                       "(robot-rl record drives the simulated cell)")
+    if task not in TASKS:
+        raise RunError(f"task '{task}' is not a robot_rl MuJoCo task; the ROS graph runs {sorted(TASKS)}")
+    if teleop not in ("keyboard", "spacemouse", "spacenav", "joy", "web"):
+        raise RunError(f"teleop '{teleop}' must be keyboard, spacemouse, spacenav, joy or web")
+    if scripted and teleop not in ("keyboard", "web"):
+        raise RunError("operator=scripted drives the keyboard or the web path: use teleop=keyboard or teleop=web")
+    if not scripted and not sys.stdin.isatty():
+        raise RunError("robot-rl record needs a terminal for the operator's keys (or operator=scripted)")
+    max_steps = cfg.task.get("max_steps") or _load(TASKS[task].entry_point).default_max_steps
+    dt, seed = 1.0 / hw.rates.policy_hz, int(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Path(cfg.record or out / f"{task}.zarr").resolve()
+    fifo = out.resolve() / "keys.fifo"
+    if teleop == "keyboard":
+        with contextlib.suppress(FileNotFoundError):
+            fifo.unlink()
+        os.mkfifo(fifo)
+    args = ["sim_teleop", f"hardware_config:={hw.source}", f"task:={task}", f"seed:={seed}", f"store:={store}",
+            f"operator:={operator}", f"teleop:={teleop}", f"teleop_input:={fifo if teleop == 'keyboard' else ''}",
+            f"console_host:={cfg.console.host}", f"console_port:={cfg.console.port}",
+            f"console_token:={cfg.console.token}"]
+    url = f"http://{cfg.console.host}:{cfg.console.port}"
+    g = Graph(args, out / "record_launch.log", "robot_rl_record")
+    state: dict = {}
+    status: dict = {}
+    seen = {"pose": None, "t": 0.0}
+    g.node.create_subscription(String, "episode/state", lambda m: state.update(json.loads(m.data)), qos("latched"))
+    g.node.create_subscription(String, "recorder/status", lambda m: status.update(json.loads(m.data)), qos("latched"))
+    g.node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: seen.update(pose=msg_to_pose(m.pose)), qos("state"))
+    g.node.create_subscription(Clock, "/clock", lambda m: seen.update(t=stamp_to_sec(m.clock)), qos("clock"))
+    results: list[dict] = []
+    try:
+        keys = KeyPipe(fifo, g) if teleop == "keyboard" else None
+        g.spin_until(lambda: "episodes" in status, 120, "the recorder")
+        console.print(f"recording {task} into {store} with the {teleop}" + (" (scripted operator)" if scripted else "")
+                      + f"; operator console: {url}/")
+        with (contextlib.nullcontext(lambda: b"") if scripted else terminal()) as read_keys:
+            if not scripted:
+                console.print(f"operator keys: {OPERATOR_KEYS}" + (f"\narm keys: {KEY_HELP}" if keys else ""))
+            for k in range(int(cfg.episodes)):
+                before = (status["episodes"], status.get("discarded", 0))
+                started = ""
+                if not scripted:
+                    console.print(f"episode {k + 1}/{cfg.episodes}: press o to reset and start (or use the console)")
+                    started = _wait_key(g, read_keys, keys, "o", lambda: state.get("state") == "running")
+                if scripted or started:
+                    g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
+                    g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
+                ep = g.spin_until(lambda: state.get("state") == "running" and dict(state), 30, f"episode {k} running")
+                t_end = float(ep["t"]) + max_steps * dt
+                if scripted:
+                    device = keys if keys is not None else WebJoystick(url, str(cfg.console.token))
+                    label = _drive(g, device, ScriptedOperator(tolerance_m=SCRIPTED_TOLERANCE_M),
+                                   expert_waypoints(task, seed + ep["episode"]), seen, state, t_end)
+                else:  # y / n / b here, or the console's stop buttons
+                    key = _wait_key(g, read_keys, keys, "ynb", lambda: state.get("state") == "stopped")
+                    label = {"y": "success", "n": "failure", "b": "abort"}.get(key) or state.get("label") or "abort"
+                if state.get("state") == "running" and label == "abort":
+                    g.call(Trigger, "episode/abort", Trigger.Request(), f"abort of episode {k}")
+                elif state.get("state") == "running":
+                    g.call(SetBool, "episode/stop", SetBool.Request(data=label == "success"), f"stop of episode {k}")
+                g.spin_until(lambda b=before: (status["episodes"], status.get("discarded", 0)) != b and
+                             not status.get("recording"), 60, f"the recorder storing episode {k}")
+                stored = status["episodes"] > before[0]
+                results.append({"episode": k, "seed": seed + ep["episode"], "label": label, "stored": stored,
+                                "steps": status.get("steps")})
+                console.print(f"episode {k + 1}: {label}, " + (f"stored ({status['steps']} steps in the store)"
+                                                               if stored else "not stored"))
+    finally:
+        g.close()
+        with contextlib.suppress(FileNotFoundError):
+            fifo.unlink()
+    table = Table(title=f"record {task} with the {teleop} into {store}")
+    for c in ("episodes", "stored", "successes", "steps in the store", "dropped samples"):
+        table.add_column(c)
+    table.add_row(str(len(results)), str(sum(r["stored"] for r in results)),
+                  str(sum(r["label"] == "success" and r["stored"] for r in results)), str(status.get("steps")),
+                  str(status.get("dropped")))
+    console.print(table)
+    (out / "record.json").write_text(json.dumps({"task": task, "store": str(store), "teleop": teleop,
+                                                 "operator": operator, "episodes": results, "recorder": status}, indent=2))
+    return 0
+
+
+def _spin_for(g: Graph, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        g.ex.spin_once(timeout_sec=0.01)
+
+
+def _wait_key(g: Graph, read_keys, keys: KeyPipe | None, wanted: str, done_elsewhere) -> str:
+    """Forward the terminal's keys to the teleop node until one of `wanted` is pressed (returned), or
+    `done_elsewhere()` (the operator used the web console instead: '')."""
+    while True:
+        g.ex.spin_once(timeout_sec=0.02)
+        if done_elsewhere():
+            return ""
+        data = read_keys()
+        if keys is not None and data:
+            keys.send(data)
+        for ch in data.decode("ascii", errors="ignore").lower():
+            if ch in wanted:
+                return ch
+
+
+def _drive(g: Graph, device, op, waypoints, seen: dict, state: dict, t_end: float) -> str:
+    """The scripted operator on a device (keyboard or web joystick): waypoint after waypoint, toggling
+    the gripper where the expert did; 'success' once the task reports it, 'failure' when the
+    episode's time is up."""
+    i = 0
+    while True:
+        _spin_for(g, 0.05)
+        if state.get("success") or seen["t"] >= t_end or state.get("failed"):
+            device.halt()
+            return "success" if state.get("success") else "failure"
+        if seen["pose"] is None or i >= len(waypoints):
+            device.halt()
+            continue
+        target, grip = waypoints[i]
+        err = target - seen["pose"][:3]
+        if np.all(np.abs(err) < op.tolerance_m):
+            device.halt()
+            if grip is not None:
+                device.toggle_gripper()
+                _spin_for(g, GRIPPER_WAIT_S)
+            i += 1
+            continue
+        device.drive(op, err)
+
+
+def replay(cfg: DictConfig, positional: str | None, console) -> int:
+    """`robot-rl replay <store> episode=K`: the episode's recorded actions on the sim robot, from the
+    recorded seed; reports how far the replayed end effector and objects end from the recorded ones."""
+    from rich.table import Table
+
+    from robot_rl.rollout import write_video
+    from robot_rl.sim import make_env
+    from robot_rl.store import EpisodeStore
+
+    if not positional:
+        raise RunError("robot-rl replay needs a store: robot-rl replay <store> episode=K")
+    st = EpisodeStore(positional)
+    k = int(cfg.episode)
+    if not 0 <= k < st.n_episodes:
+        raise RunError(f"store {positional}: episode {k} out of range (0..{st.n_episodes - 1})")
+    meta = st.meta[k]
+    if not meta.get("task") or meta.get("seed") is None:
+        raise RunError(f"store {positional} episode {k}: no task or seed in its metadata (recorded on a robot?); "
+                       "only simulated episodes replay")
+    keys = [k_ for k_ in st.keys() if k_ == "state.ee_pose" or k_.startswith("state.object.")]
+    ep = st.episode(k, ["action", *keys])
+    env = make_env(meta["task"])
+    obs, _ = env.reset(seed=int(meta["seed"]))
+    frames = [env.render()] if cfg.video else []
+    errors = {key: [] for key in keys}
+    info: dict = {}
+    for i, action in enumerate(ep["action"]):
+        for key in keys:
+            errors[key].append(float(np.linalg.norm(obs[key][:3] - ep[key][i][:3])))
+        obs, _, _, _, info = env.step(action)
+        if cfg.video:
+            frames.append(env.render())
+    env.close()
+    table = Table(title=f"replay of {positional} episode {k} ({meta['task']}, seed {meta['seed']}, {len(ep['action'])} steps)")
+    for c in ("key", "final error (mm)", "max error (mm)"):
+        table.add_column(c)
+    for key, e in errors.items():
+        table.add_row(key, f"{1e3 * e[-1]:.1f}", f"{1e3 * max(e):.1f}")
+    console.print(table)
+    console.print(f"recorded: {'success' if meta.get('success') else 'failure'}; replayed: "
+                  f"{'success' if info.get('success') else 'failure'}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"store": str(positional), "episode": k, "task": meta["task"], "seed": meta["seed"],
+              "recorded_success": meta.get("success"), "replayed_success": bool(info.get("success")),
+              "final_error_m": {key: e[-1] for key, e in errors.items()},
+              "max_error_m": {key: max(e) for key, e in errors.items()}}
+    if frames:
+        result["video"] = str(write_video(frames, out / f"replay_{k}.gif", fps=10))
+    (out / f"replay_{k}.json").write_text(json.dumps(result, indent=2))
+    return 0
