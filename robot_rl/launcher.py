@@ -256,7 +256,8 @@ def _ros_args(e: Entity, a: dict[str, str], variables: dict[str, str], src: str)
         elif c.tag == "param" and "from" in ca:
             out += ["--params-file", ca["from"]]
         elif c.tag == "param":
-            out += ["-p", f"{ca['name']}:={ca['value']}"]
+            value = ca["value"] if ca["value"] != "" else "''"  # rcl reads values as YAML: '' is the empty string
+            out += ["-p", f"{ca['name']}:={value}"]
     return out
 
 

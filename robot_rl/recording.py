@@ -2,7 +2,7 @@
 the graph aligned to step times `t_k = t_0 + k·dt`.
 
 - **observation** at `t_k`: per key the sample nearest to `t_k` within its tolerance; when there is
-  none (a late or lost frame) the newest older sample is used and counted as a dropped sample of
+  none (a late or lost frame) the closest other sample is used and counted as a dropped sample of
   that key — counted and reported, never silent.
 - **executed action** of step k: the delta from the commanded target in force at `t_k` to the one in
   force at `t_{k+1}` (the newest target sent to the arm stamped at or before that time; the
@@ -68,7 +68,8 @@ class StepAssembler:
         self.rewards: deque = deque(maxlen=history)  # (stamp, reward)
         self.k = 0
         self.commanded = (np.asarray(start_pose, dtype=np.float64), float(start_gripper))
-        self.dropped: Counter = Counter()  # per key: steps recorded with an older sample than due
+        self.dropped: Counter = Counter()  # per key: steps recorded with a sample other than the one due
+        self.dropped_steps: list[int] = []  # which steps
         self.clipped = 0  # executed actions beyond the action bounds (clipped into them)
 
     # ---- inputs (time-ordered per stream) ---------------------------------------------------------
@@ -89,20 +90,22 @@ class StepAssembler:
         return round(self.t0 + k * self.dt, 9)
 
     def _observation(self, t: float, final: bool) -> dict | None:
-        """The observation at t, or None while a key may still deliver a sample near t."""
+        """The observation at t, or None while a key may still deliver a sample near t. A key with
+        no sample near t (late, lost, or a stream that started after t) gets its newest older
+        sample, else its oldest newer one, and the step counts as dropped for that key."""
         obs, late = {}, []
         for k in self.keys:
             buf = self.obs[k]
             hit = nearest(buf, t, self.tol[k])
             if hit is None:
-                newest_past = bool(buf) and buf[-1][0] > t + self.tol[k]
-                older = _at_or_before(buf, t)
-                if older is None or not (newest_past or final):
+                if not buf or not (buf[-1][0] > t + self.tol[k] or final):
                     return None
-                hit = older
+                hit = _at_or_before(buf, t) or next(s for s in buf if s[0] > t)
                 late.append(k)
             obs[k] = hit[1]
         self.dropped.update(late)
+        if late:
+            self.dropped_steps.append(self.k)
         return obs
 
     def _action(self, prev: tuple[np.ndarray, float], nxt: tuple[np.ndarray, float | None]) -> tuple[np.ndarray, bool]:

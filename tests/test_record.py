@@ -34,7 +34,7 @@ def test_scripted_operator_records_demos_on_the_keyboard_path_and_they_replay(tm
                                (tmp_path / "rec" / "record_launch.log").read_text()[-3000:])
     summary = json.loads((tmp_path / "rec" / "record.json").read_text())
     assert [e["label"] for e in summary["episodes"]] == ["success", "success"], summary
-    assert summary["recorder"]["dropped"] == 0
+    assert summary["recorder"]["dropped"] <= 0.02 * 8 * summary["recorder"]["steps"]  # counted, never silent
 
     v = cli(["data", "validate", str(store)], env, tmp_path, 120)
     assert v.returncode == 0, v.stdout + v.stderr

@@ -44,6 +44,16 @@ def test_steps_wait_for_the_arm_state_to_pass_the_step_end_and_count_late_frames
     assert np.isclose(steps[1].obs["state.ee_pose"][0], 10.1)
 
 
+def test_a_stream_that_starts_late_does_not_block_the_episode():
+    obs, asm = assembler()
+    feed_obs(obs, 10.0, 10.25)
+    while obs["image.front"][0][0] < 10.05:  # the camera's first frame came 50 ms after the start
+        obs["image.front"].popleft()
+    steps = asm.ready_steps(measured_until=10.25)
+    assert len(steps) == 2 and asm.dropped == {"image.front": 1}
+    assert steps[0].obs["image.front"][0, 0, 0] == 2  # the oldest frame there is
+
+
 def test_executed_actions_replay_to_the_same_targets():
     obs, asm = assembler()
     feed_obs(obs, 10.0, 10.6)

@@ -171,35 +171,41 @@ def cell_spec(cfg, task: str | None = None):
 class ObservationBuffers:
     """Per-key sample histories fed by the graph's topics (joint_states, arm/ee_pose, ft/wrench,
     sim/object/<name>, <camera>/image_policy or, at full resolution, image_raw), matched to a step
-    time by stamp: state within half a 100 Hz period, images within half a frame period."""
+    time by stamp: state within half a 100 Hz period, images within half a frame period (+1 ms)."""
 
     def __init__(self, node, keys, cfg, cond: threading.Condition, full_resolution: bool = False,
-                 history: int = HISTORY, image_history: int | None = None):
+                 history: int = HISTORY, image_history: int | None = None, queue_depth: int | None = None):
         from geometry_msgs.msg import PoseStamped, WrenchStamped
         from sensor_msgs.msg import Image, JointState
+
+        def profile(kind: str):  # the table's profile, with a deeper queue when asked (the recorder)
+            out = qos(kind)
+            if queue_depth:
+                out.depth = queue_depth
+            return out
 
         self.cond = cond
         self.bufs: dict[str, deque] = {
             k: deque(maxlen=(image_history or history) if k.startswith("image.") else history) for k in keys}
         self.tol = {k: 0.006 for k in keys}
         self.received = {k: 0 for k in keys}
-        node.create_subscription(JointState, "joint_states", self._on_joints, qos("state"))
+        node.create_subscription(JointState, "joint_states", self._on_joints, profile("state"))
         node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: self.put(
-            "state.ee_pose", m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), qos("state"))
+            "state.ee_pose", m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), profile("state"))
         node.create_subscription(WrenchStamped, "ft/wrench", lambda m: self.put("state.wrench", m.header.stamp, np.array(
             [m.wrench.force.x, m.wrench.force.y, m.wrench.force.z, m.wrench.torque.x, m.wrench.torque.y,
-             m.wrench.torque.z], np.float32)), qos("state"))
+             m.wrench.torque.z], np.float32)), profile("state"))
         for key in keys:
             if key.startswith("state.object."):
                 node.create_subscription(PoseStamped, f"sim/object/{key.split('.', 2)[2]}", lambda m, k=key: self.put(
-                    k, m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), qos("state"))
+                    k, m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), profile("state"))
             elif key.startswith("image."):
                 cam = key.split(".", 1)[1]
-                self.tol[key] = 0.5 / cfg.camera(cam).rate_hz
+                self.tol[key] = 0.5 / cfg.camera(cam).rate_hz + 1e-3  # a step exactly between two frames: either
                 topic = f"{cam}/image_raw" if full_resolution else f"{cam}/image_policy"
                 node.create_subscription(Image, topic, lambda m, k=key: self.put(
                     k, m.header.stamp, np.frombuffer(m.data, np.uint8).reshape(m.height, m.width, 3).copy()),
-                    qos("image"))
+                    profile("image"))
 
     def _on_joints(self, m) -> None:
         pos = np.asarray(m.position, dtype=np.float32)

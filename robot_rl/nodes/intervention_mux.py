@@ -8,8 +8,9 @@ back: the executor, which follows `intervention`, restarts the next chunk from t
 With `policy:=false` (recording demonstrations, no policy in the graph) the operator always drives.
 
 `intervention` (std_msgs/Header, frame_id `human` | `policy`) is published at every policy step
-(stamped with the measured pose that starts it) and at every change of hands; the recorder and the
-safety filter follow it (no policy heartbeat is required while a human drives).
+(stamped with the measured pose that starts it) and at every change of hands (stamped with the newest
+measured pose: all flags share the arm-state timeline); the recorder and the safety filter follow
+it (no policy heartbeat is required while a human drives).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ import numpy as np
 
 from robot_rl.drivers.teleop import TwistIntegrator
 from robot_rl.hardware import TeleopSection, section_from_params
-from robot_rl.nodes.common import Diagnostics, declare, msg_to_pose, qos, run_node, stamp_to_sec, targets_to_msg
+from robot_rl.nodes.common import (
+    Diagnostics,
+    declare,
+    msg_to_pose,
+    qos,
+    run_node,
+    sec_to_stamp,
+    stamp_to_sec,
+    targets_to_msg,
+)
 
 MAX_DT_S = 0.05  # a gap in the measured poses longer than this is not integrated as motion
 
@@ -52,9 +62,10 @@ def build(cfg, _rt_note, stop):
     def now() -> float:
         return stamp_to_sec(node.get_clock().now().to_msg())
 
-    def flag(stamp) -> None:
+    def flag(t: float | None) -> None:
         h = Header()
-        h.stamp, h.frame_id = stamp, "human" if st["human"] else "policy"
+        h.stamp = sec_to_stamp(t) if t is not None else node.get_clock().now().to_msg()
+        h.frame_id = "human" if st["human"] else "policy"
         flag_pub.publish(h)
 
     def on_policy(m) -> None:
@@ -83,7 +94,7 @@ def build(cfg, _rt_note, stop):
             integ.target = None  # a takeover starts from the next measured pose
             if engaged:
                 st["gripper"] = None if not m.axes or math.isnan(m.axes[0]) else st["gripper"]
-            flag(m.header.stamp)
+            flag(st["pose_t"])  # on the measured-pose timeline, like the per-step flags: from here on
 
     def on_pose(m) -> None:
         stamp = stamp_to_sec(m.header.stamp)
@@ -91,7 +102,7 @@ def build(cfg, _rt_note, stop):
             step = int(math.floor((stamp - st["episode_t"]) / policy_dt + 1e-6))
             if step != st["step"]:
                 st["step"] = step
-                flag(m.header.stamp)
+                flag(stamp)
             prev, st["pose_t"] = st["pose_t"], stamp
             if not st["human"]:
                 return

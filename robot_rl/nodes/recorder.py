@@ -7,7 +7,8 @@ safety filter), the policy's proposed action (`policy/target`), the intervention
 (`intervention`), the task reward (`episode/reward`). An episode stopped with success/failure is
 committed with that label; an abort, or `recorder/discard` while it runs, drops it. Samples that
 arrive too late for their step are counted per key (`dropped` in the episode's metadata, in
-`recorder/status` and in /diagnostics), never silently. `recorder/status` (latched JSON) says what
+`recorder/status` and in /diagnostics), never silently. The source is `teleop`, or `hil` once a
+policy's targets were seen (source:=<name> forces it). `recorder/status` (latched JSON) says what
 the store holds and what is being recorded.
 """
 
@@ -34,6 +35,7 @@ from robot_rl.recording import StepAssembler, nearest
 LOOP_PERIOD_S = 0.01
 STATE_HISTORY = 512  # samples per state stream (5 s at 100 Hz); cameras keep 1 s of frames
 SETTLE_S = 0.3  # after a stop, wait this long (wall) for samples still in flight
+QUEUE_DEPTH = 50  # per subscription: a busy moment never makes DDS drop a sample
 
 
 def _route(asm: StepAssembler, kind: str, item: tuple) -> None:
@@ -66,7 +68,7 @@ def build(cfg, _rt_note, stop):
     cond = threading.Condition()
     fps = max((c.rate_hz for c in cfg.cameras), default=30.0)
     obs_in = ObservationBuffers(node, keys, cfg, cond, full_resolution=True, history=STATE_HISTORY,
-                                image_history=int(fps) + 1)
+                                image_history=int(fps) + 1, queue_depth=QUEUE_DEPTH)
     dt = 1.0 / cfg.rates.policy_hz
     side: dict[str, list] = {"executed": [], "proposed": [], "flags": [], "rewards": []}  # until an episode starts
     rec: dict = {"asm": None, "episode": None, "t0": None, "label": None, "stop_at": None, "policy_seen": False,
@@ -99,6 +101,8 @@ def build(cfg, _rt_note, stop):
                 targets = msg_to_targets(m)
             except ValueError:
                 return  # the safety filter refuses it; nothing was executed
+            if kind == "proposed":
+                rec["policy_seen"] = True  # a policy ran during this recording: source 'hil'
             for t, pose, g in targets:
                 feed(kind, (t, pose, g))
         return cb
@@ -140,9 +144,9 @@ def build(cfg, _rt_note, stop):
                 if item[0] >= rec["t0"] - dt:
                     _route(asm, kind, item)
             items.clear()
-        source = p["source"] if p["source"] != "auto" else ("hil" if rec["policy_seen"] else "teleop")
-        writer.begin_episode(source, task=p["task"] if cfg.is_sim else "", operator=p["operator"],
-                             start_time=time.time(), seed=rec["seed"], episode=rec["episode"], stamp0=rec["t0"])
+        writer.begin_episode("teleop" if p["source"] == "auto" else p["source"], task=p["task"] if cfg.is_sim else "",
+                             operator=p["operator"], start_time=time.time(), seed=rec["seed"], episode=rec["episode"],
+                             stamp0=rec["t0"])
         rec["asm"] = asm
         announce()
 
@@ -151,22 +155,22 @@ def build(cfg, _rt_note, stop):
             writer.add_step(st.obs, st.action, timestamp=st.stamp, reward=st.reward, intervention=st.intervention,
                             action_policy=None if np.isnan(st.action_policy).all() else st.action_policy)
 
-    def finish() -> None:
-        asm = rec["asm"]
-        write(asm.ready_steps(rec["stop_at"], final=True))
-        label, dropped = rec["label"], dict(asm.dropped)
+    def finish(asm: StepAssembler, ended: dict) -> None:
+        """Commit (or drop) the episode that ended; its last steps are written already."""
+        label, dropped = ended["label"], dict(asm.dropped)
         totals["dropped"] += sum(dropped.values())
-        if label == "abort" or rec["discard"] or writer.episode_steps == 0:
+        if label == "abort" or ended["discard"] or writer.episode_steps == 0:
             writer.discard_episode()
             totals["discarded"] += 1
-            node.get_logger().info(f"recorder: episode {rec['episode']} not stored ({label or 'discarded'})")
+            why = "aborted" if label == "abort" else ("discarded" if ended["discard"] else "no complete step")
+            node.get_logger().info(f"recorder: episode {ended['episode']} not stored ({why})")
         else:
+            extra = {"source": "hil" if rec["policy_seen"] else "teleop"} if p["source"] == "auto" else {}
             k = writer.end_episode(success=label == "success", label=label, dropped=dropped,
-                                   clipped_actions=asm.clipped)
+                                   dropped_steps=asm.dropped_steps[:100], clipped_actions=asm.clipped, **extra)
             totals.update(episodes=writer.n_episodes, steps=writer.n_steps)
-            node.get_logger().info(f"recorder: episode {rec['episode']} stored as {k} ({label}, "
+            node.get_logger().info(f"recorder: episode {ended['episode']} stored as {k} ({label}, "
                                    f"{writer.n_steps} steps in the store, dropped {dropped or 'none'})")
-        rec.update(asm=None, t0=None)
         announce()
 
     node.create_subscription(String, "episode/state", on_episode, qos("latched"))
@@ -181,25 +185,33 @@ def build(cfg, _rt_note, stop):
     announce()
 
     def loop() -> None:
+        """Align under the lock; write outside it (a slow disk never stalls the subscriptions)."""
         while not stop.is_set():
+            ended = None
             with cond:
                 cond.wait(LOOP_PERIOD_S)
                 if rec["t0"] is not None and rec["asm"] is None:
                     begin()
-                asm = rec["asm"]
-                try:
-                    if asm is not None and rec["stop_at"] is not None:
-                        if time.monotonic() - rec["stop_wall"] >= SETTLE_S:
-                            finish()
-                    elif asm is not None:
-                        newest = obs_in.bufs["state.ee_pose"]
-                        write(asm.ready_steps(newest[-1][0] if newest else asm.t0))
-                except StoreError as e:  # never crash on one bad step: drop the episode and say why
-                    diag.error(f"recorder: episode {rec['episode']} dropped: {e}")
-                    writer.discard_episode()
-                    totals["discarded"] += 1
+                asm, steps = rec["asm"], []
+                if asm is not None and rec["stop_at"] is not None:
+                    if time.monotonic() - rec["stop_wall"] >= SETTLE_S:
+                        steps = asm.ready_steps(rec["stop_at"], final=True)
+                        ended = {k: rec[k] for k in ("label", "discard", "episode")}
+                        rec.update(asm=None, t0=None)
+                elif asm is not None:
+                    newest = obs_in.bufs["state.ee_pose"]
+                    steps = asm.ready_steps(newest[-1][0] if newest else asm.t0)
+            try:
+                write(steps)
+                if ended is not None:
+                    finish(asm, ended)
+            except StoreError as e:  # never crash on one bad step: drop the episode and say why
+                diag.error(f"recorder: episode {rec['episode']} dropped: {e}")
+                writer.discard_episode()
+                totals["discarded"] += 1
+                with cond:
                     rec.update(asm=None, t0=None)
-                    announce()
+                announce()
             diag.maybe_publish({k: v for k, v in status().items() if not isinstance(v, dict)},
                                level_ok=totals["dropped"] == 0)
 
