@@ -159,6 +159,7 @@ def record(cfg: DictConfig, console) -> int:
         raise RunError("robot-rl record needs a terminal for the operator's keys (or operator=scripted)")
     max_steps = cfg.task.get("max_steps") or _load(TASKS[task].entry_point).default_max_steps
     dt, seed = 1.0 / hw.rates.policy_hz, int(cfg.seed)
+    limit_s = float(cfg.record_seconds or 3 * max_steps * dt)  # a person needs longer than a policy
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(cfg.record or out / f"{task}.zarr").resolve()
@@ -204,7 +205,7 @@ def record(cfg: DictConfig, console) -> int:
                     g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
                     g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
                 ep = g.spin_until(lambda: state.get("state") == "running" and dict(state), 30, f"episode {k} running")
-                t_end = float(ep["t"]) + max_steps * dt
+                t_end = float(ep["t"]) + limit_s
                 if scripted:
                     device = keys if keys is not None else WebJoystick(url, str(cfg.console.token))
                     label = _drive(g, device, ScriptedOperator(tolerance_m=SCRIPTED_TOLERANCE_M),

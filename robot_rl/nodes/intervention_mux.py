@@ -124,8 +124,9 @@ def build(cfg, _rt_note, stop):
         except ValueError:
             return
         with lock:
-            if s.get("state") == "running" and s.get("t") is not None:
+            if s.get("state") == "running" and s.get("t") is not None and float(s["t"]) != st["episode_t"]:
                 st["episode_t"], st["step"] = float(s["t"]), None
+                integ.target = None  # a new episode (the arm was reset): the human starts from the measured pose
 
     def on_safety(m) -> None:
         try:

@@ -139,9 +139,9 @@ def build(cfg, _rt_note, stop):
         g = nearest(obs_in.bufs["state.gripper"], rec["t0"], obs_in.tol["state.gripper"])
         asm = StepAssembler(rec["t0"], dt, obs_in.bufs, obs_in.tol, spec.action.scale, spec.action.mask,
                             hit[1], start_gripper=2.0 * float(g[1][0]) - 1.0 if g else -1.0)
-        for kind, items in side.items():  # what arrived between the start and now
+        for kind, items in side.items():  # what arrived since the start (flags: also who had control before)
             for item in items:
-                if item[0] >= rec["t0"] - dt:
+                if item[0] >= rec["t0"] - dt or kind == "flags":
                     _route(asm, kind, item)
             items.clear()
         writer.begin_episode("teleop" if p["source"] == "auto" else p["source"], task=p["task"] if cfg.is_sim else "",
