@@ -9,6 +9,7 @@ EXTRAS := learning,metaworld,ros,franka,dev
 FRANKA_SIM := .venv-franka-sim
 FRANKA_STAMP := $(FRANKA_SIM)/.installed
 DEB_PACKAGES := libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libgles2 libosmesa6
+TEST_DEB_PACKAGES := chromium chromium-driver  # the web console's browser test (Selenium, headless)
 export MUJOCO_GL ?= egl
 PYTEST_ARGS ?=
 
@@ -18,6 +19,7 @@ demo: setup
 	$(VENV)/bin/robot-rl demo
 
 test: setup $(FRANKA_STAMP)
+	@$(MAKE) --no-print-directory deb DEB_PACKAGES="$(TEST_DEB_PACKAGES)"
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 setup: deb $(STAMP)

@@ -134,7 +134,7 @@ def record(cfg: DictConfig, console) -> int:
     from rich.table import Table
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import Image
-    from std_msgs.msg import String
+    from std_msgs.msg import Header, String
     from std_srvs.srv import SetBool, Trigger
 
     from robot_rl.drivers.teleop import KEY_HELP, ScriptedOperator
@@ -181,15 +181,17 @@ def record(cfg: DictConfig, console) -> int:
     g.node.create_subscription(String, "recorder/status", lambda m: status.update(json.loads(m.data)), qos("latched"))
     g.node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: seen.update(pose=msg_to_pose(m.pose)), qos("state"))
     g.node.create_subscription(Clock, "/clock", lambda m: seen.update(t=stamp_to_sec(m.clock)), qos("clock"))
-    frames = {c.name: 0 for c in hw.cameras}  # the first episode starts once every camera streams
-    for name in frames:
-        g.node.create_subscription(Image, f"{name}/image_policy", lambda _m, n=name: frames.__setitem__(n, frames[n] + 1),
-                                   qos("image"))
+    # the first episode starts once every camera streams and the mux says who drives
+    streams = {f"{c.name}/image_policy": 0 for c in hw.cameras} | {"intervention": 0}
+    for topic in streams:
+        g.node.create_subscription(Header if topic == "intervention" else Image, topic,
+                                   lambda _m, t=topic: streams.__setitem__(t, streams[t] + 1),
+                                   qos("state" if topic == "intervention" else "image"))
     results: list[dict] = []
     try:
         keys = KeyPipe(fifo, g) if teleop == "keyboard" else None
         g.spin_until(lambda: "episodes" in status, 120, "the recorder")
-        g.spin_until(lambda: all(n > 5 for n in frames.values()), 120, f"frames from the cameras {sorted(frames)}")
+        g.spin_until(lambda: all(n > 5 for n in streams.values()), 120, f"the streams {sorted(streams)}")
         console.print(f"recording {task} into {store} with the {teleop}" + (" (scripted operator)" if scripted else "")
                       + f"; operator console: {url}/")
         with (contextlib.nullcontext(lambda: b"") if scripted else terminal()) as read_keys:

@@ -1,7 +1,7 @@
 """`robot-rl record` through the whole ROS 2 graph (`launch/sim_teleop`) with the scripted operator
-typing on the keyboard path, then `robot-rl data validate` and `robot-rl replay`: the store is
-valid, every episode is labelled, and replaying the recorded actions on the sim robot from the
-recorded seed ends where the recording ended."""
+on the keyboard path and on the web console's joystick, then `robot-rl data validate` and
+`robot-rl replay`: the store is valid, every episode is labelled, and replaying the recorded actions
+on the sim robot from the recorded seed ends where the recording ended."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test` (extra 'ros')")
 
 from robot_rl.store import EpisodeStore  # noqa: E402
-from tests.helpers.ros import ROOT, fresh_domain, ros_env  # noqa: E402
+from tests.helpers.ros import ROOT, free_port, fresh_domain, ros_env  # noqa: E402
 
 CELL = str(ROOT / "tests" / "hardware" / "sim_small.yaml")
 
@@ -25,11 +25,15 @@ def cli(args: list[str], env: dict, cwd, timeout: float) -> subprocess.Completed
                           text=True, timeout=timeout)
 
 
-def test_scripted_operator_records_demos_on_the_keyboard_path_and_they_replay(tmp_path):
+@pytest.mark.parametrize("teleop", ["keyboard", "web"])
+def test_scripted_operator_records_demos_and_they_replay(tmp_path, teleop):
+    """keyboard: keys typed into the teleop node's FIFO; web: the console's joystick over HTTP."""
     env = ros_env(fresh_domain())
     store = tmp_path / "demos.zarr"
-    r = cli(["record", "task=reach", "teleop=keyboard", "operator=scripted", "episodes=2", "seed=7",
-             f"record={store}", f"out={tmp_path / 'rec'}", f"hardware_config={CELL}"], env, tmp_path, 420)
+    port = free_port()
+    r = cli(["record", "task=reach", f"teleop={teleop}", "operator=scripted", "episodes=2", "seed=7",
+             f"record={store}", f"out={tmp_path / 'rec'}", f"hardware_config={CELL}", f"console.port={port}"],
+            env, tmp_path, 420)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:],
                                (tmp_path / "rec" / "record_launch.log").read_text()[-3000:])
     summary = json.loads((tmp_path / "rec" / "record.json").read_text())

@@ -25,6 +25,15 @@ def ros_env(domain: int) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a web console under test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def fresh_domain() -> int:
     """A domain id unique to this pytest process and call (0..101)."""
     _domain_counter[0] += 1
