@@ -190,7 +190,8 @@ def record(cfg: DictConfig, console) -> int:
     results: list[dict] = []
     try:
         keys = KeyPipe(fifo, g) if teleop == "keyboard" else None
-        g.spin_until(lambda: "episodes" in status, 120, "the recorder")
+        g.spin_until(lambda: status.get("streams_ready"), 120, "the recorder receiving every stream "
+                     "(recorder/status says which it waits for)")
         g.spin_until(lambda: all(n > 5 for n in streams.values()), 120, f"the streams {sorted(streams)}")
         console.print(f"recording {task} into {store} with the {teleop}" + (" (scripted operator)" if scripted else "")
                       + f"; operator console: {url}/")

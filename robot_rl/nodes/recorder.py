@@ -79,9 +79,11 @@ def build(cfg, _rt_note, stop):
 
     def status() -> dict:
         asm = rec["asm"]
+        waiting = sorted(k for k, n in obs_in.received.items() if n == 0)
         return {"store": str(p["store"]), **totals, "recording": asm is not None,
                 "episode": rec["episode"], "episode_steps": writer.episode_steps,
-                "episode_dropped": dict(asm.dropped) if asm else {}}
+                "episode_dropped": dict(asm.dropped) if asm else {}, "streams_ready": not waiting,
+                "waiting_for": waiting}
 
     def announce() -> None:
         status_pub.publish(String(data=json.dumps(status())))
@@ -132,8 +134,12 @@ def build(cfg, _rt_note, stop):
         return resp
 
     def begin() -> None:
-        """The episode started: open it once the measured pose at its start time is in."""
-        hit = nearest(obs_in.bufs["state.ee_pose"], rec["t0"], obs_in.tol["state.ee_pose"])
+        """The episode started: open it once the measured pose at its start time is in (or the first
+        one after it, when the pose stream started late)."""
+        poses = obs_in.bufs["state.ee_pose"]
+        hit = nearest(poses, rec["t0"], obs_in.tol["state.ee_pose"])
+        if hit is None and poses and poses[-1][0] > rec["t0"]:
+            hit = next(x for x in poses if x[0] > rec["t0"])
         if hit is None:
             return
         g = nearest(obs_in.bufs["state.gripper"], rec["t0"], obs_in.tol["state.gripper"])
@@ -186,18 +192,26 @@ def build(cfg, _rt_note, stop):
 
     def loop() -> None:
         """Align under the lock; write outside it (a slow disk never stalls the subscriptions)."""
+        ready = False
         while not stop.is_set():
-            ended = None
+            ended, announce_now = None, False
             with cond:
                 cond.wait(LOOP_PERIOD_S)
                 if rec["t0"] is not None and rec["asm"] is None:
                     begin()
+                if rec["asm"] is None and rec["stop_at"] is not None:  # stopped before any pose came in
+                    diag.error(f"recorder: episode {rec['episode']} not stored: no arm state during it")
+                    totals["discarded"] += 1
+                    rec.update(t0=None, stop_at=None)
+                    announce_now = True
+                if ready != (ready := status()["streams_ready"]):
+                    announce_now = True
                 asm, steps = rec["asm"], []
                 if asm is not None and rec["stop_at"] is not None:
                     if time.monotonic() - rec["stop_wall"] >= SETTLE_S:
                         steps = asm.ready_steps(rec["stop_at"], final=True)
                         ended = {k: rec[k] for k in ("label", "discard", "episode")}
-                        rec.update(asm=None, t0=None)
+                        rec.update(asm=None, t0=None, stop_at=None)
                 elif asm is not None:
                     newest = obs_in.bufs["state.ee_pose"]
                     steps = asm.ready_steps(newest[-1][0] if newest else asm.t0)
@@ -210,9 +224,11 @@ def build(cfg, _rt_note, stop):
                 writer.discard_episode()
                 totals["discarded"] += 1
                 with cond:
-                    rec.update(asm=None, t0=None)
+                    rec.update(asm=None, t0=None, stop_at=None)
                 announce()
-            diag.maybe_publish({k: v for k, v in status().items() if not isinstance(v, dict)},
+            if announce_now:
+                announce()
+            diag.maybe_publish({k: v for k, v in status().items() if not isinstance(v, (dict, list))},
                                level_ok=totals["dropped"] == 0)
 
     return node, loop
