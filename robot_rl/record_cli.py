@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import sys
 import time
 from pathlib import Path
@@ -22,111 +21,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from robot_rl.run_cli import Graph, RunError
+from robot_rl.operator import KeyPipe, WebJoystick, expert_path, waypoints
+from robot_rl.run_cli import Graph, RunError, terminal
 
 OPERATOR_KEYS = "o: reset + start   y: success   n: failure   b: abort (not stored)"
-WAYPOINT_SPACING_M = 0.02
 SCRIPTED_TOLERANCE_M = 0.004
 GRIPPER_WAIT_S = 1.0
-
-
-def expert_waypoints(task: str, seed: int) -> list[tuple[np.ndarray, float | None]]:
-    """The scripted expert's end-effector path on the episode with this seed, as waypoints at least
-    WAYPOINT_SPACING_M apart, plus every point where its gripper command changes sign (with it)."""
-    from robot_rl.rollout import policy_rng
-    from robot_rl.sim import make_env, make_expert
-
-    env = make_env(task)
-    obs, _ = env.reset(seed=seed)
-    expert = make_expert(env)
-    expert.reset(policy_rng(seed))
-    mask = env.unwrapped.mask
-    path: list[tuple[np.ndarray, float | None]] = []
-    grip = None
-    for _ in range(env.unwrapped.max_steps):
-        action = expert.act(obs)
-        g = float(np.sign(action[6])) if mask[6] and action[6] != 0 else None
-        here = env.unwrapped.arm.ee_pose[:3].copy()
-        if g is not None and g != grip and grip is not None:
-            path.append((here, g))  # close (or open) here
-        elif not path or np.linalg.norm(here - path[-1][0]) >= WAYPOINT_SPACING_M:
-            path.append((here, None))
-        grip = g if g is not None else grip
-        obs, _, terminated, truncated, info = env.step(action)
-        if info.get("success") or terminated or truncated:
-            break
-    path.append((env.unwrapped.arm.ee_pose[:3].copy(), None))
-    env.close()
-    return path
-
-
-class KeyPipe:
-    """The writing end of the teleop node's keyboard FIFO; as a device of the scripted operator it
-    types what a person would."""
-
-    def __init__(self, fifo: Path, g: Graph):
-        def opened() -> bool:
-            try:
-                self.fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                return True
-            except OSError:  # no reader yet: the teleop node is starting
-                return False
-
-        g.spin_until(opened, 120, "the teleop node to open its keyboard FIFO")
-
-    def send(self, keys: str | bytes) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.write(self.fd, keys.encode() if isinstance(keys, str) else keys)
-
-    def halt(self) -> None:
-        self.send(" ")
-
-    def drive(self, op, err: np.ndarray) -> None:
-        self.send(op.keys(err))
-
-    def toggle_gripper(self) -> None:
-        self.send("g")
-
-
-class WebJoystick:
-    """The web console's joystick, posted to as the page does (`POST /teleop`)."""
-
-    def __init__(self, url: str, token: str = ""):
-        self.url, self.token = url.rstrip("/"), token
-        self.gripper = -1.0
-
-    def post(self, body: dict) -> dict:
-        import urllib.request
-
-        req = urllib.request.Request(f"{self.url}/teleop", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "X-Token": self.token})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return json.loads(r.read())
-
-    def halt(self) -> None:
-        self.post({"axes": [0.0] * 6})
-
-    def drive(self, op, err: np.ndarray) -> None:
-        self.post({"axes": op.axes(err, full_scale_m=0.02).tolist()})
-
-    def toggle_gripper(self) -> None:
-        self.gripper = -self.gripper
-        self.post({"axes": [0.0] * 6, "gripper": self.gripper})
-
-
-@contextlib.contextmanager
-def terminal():
-    """The terminal in cbreak mode (keys one by one, not echoed); restored on the way out."""
-    import termios
-    import tty
-
-    fd = sys.stdin.fileno()
-    old = termios.tcgetattr(fd)
-    tty.setcbreak(fd)
-    try:
-        yield lambda: os.read(fd, 64) if select.select([fd], [], [], 0)[0] else b""
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
 def record(cfg: DictConfig, console) -> int:
@@ -189,7 +89,7 @@ def record(cfg: DictConfig, console) -> int:
                                    qos("state" if topic == "intervention" else "image"))
     results: list[dict] = []
     try:
-        keys = KeyPipe(fifo, g) if teleop == "keyboard" else None
+        keys = KeyPipe(fifo, g.spin_until) if teleop == "keyboard" else None
         g.spin_until(lambda: status.get("streams_ready"), 120, "the recorder receiving every stream "
                      "(recorder/status says which it waits for)")
         g.spin_until(lambda: all(n > 5 for n in streams.values()), 120, f"the streams {sorted(streams)}")
@@ -212,7 +112,7 @@ def record(cfg: DictConfig, console) -> int:
                 if scripted:
                     device = keys if keys is not None else WebJoystick(url, str(cfg.console.token))
                     label = _drive(g, device, ScriptedOperator(tolerance_m=SCRIPTED_TOLERANCE_M),
-                                   expert_waypoints(task, seed + ep["episode"]), seen, state, t_end)
+                                   waypoints(expert_path(task, seed + ep["episode"])), seen, state, t_end)
                 else:  # y / n / b here, or the console's stop buttons
                     key = _wait_key(g, read_keys, keys, "ynb", lambda: state.get("state") == "stopped")
                     label = {"y": "success", "n": "failure", "b": "abort"}.get(key) or state.get("label") or "abort"

@@ -147,21 +147,3 @@ class StepAssembler:
                             reward[1] if reward else 0.0, t))
             self.k += 1
         return out
-
-
-def rlif_rewards(intervention: np.ndarray) -> np.ndarray:
-    """RLIF: −1 on the step before each takeover (a step whose successor is the first of an
-    intervention), 0 elsewhere. Per episode: pass one episode's flags."""
-    f = np.asarray(intervention, dtype=bool)
-    r = np.zeros(len(f), np.float32)
-    if len(f) > 1:
-        r[:-1][~f[:-1] & f[1:]] = -1.0
-    return r
-
-
-def intervention_segments(intervention: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) step ranges where a human was in control (HIL-SERL routes them into the
-    demonstration set as well)."""
-    f = np.concatenate([[False], np.asarray(intervention, dtype=bool), [False]])
-    edges = np.flatnonzero(f[1:] != f[:-1])
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]

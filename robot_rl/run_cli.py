@@ -6,8 +6,10 @@ as separate processes exactly as `robot-rl launch` starts them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -100,6 +102,112 @@ def _cpu_seconds(launch_log: Path) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def terminal():
+    """The terminal in cbreak mode (keys one by one, not echoed); restored on the way out."""
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield lambda: os.read(fd, 64) if select.select([fd], [], [], 0)[0] else b""
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+
+class HilSession:
+    """`robot-rl run hil=true`: the policy drives through `launch/sim_hil` (real time) and a person
+    beside it takes over when needed — on the keyboard in this terminal, the web console, or another
+    teleop device — or, with `operator=scripted`, robot_rl.operator.HilOperator does. Every episode
+    is recorded with its intervention flags; the summary counts takeovers and the intervention rate."""
+
+    def __init__(self, cfg: DictConfig, out: Path):
+        self.cfg, self.teleop = cfg, str(cfg.teleop)
+        self.scripted = cfg.operator == "scripted"
+        if self.teleop not in ("keyboard", "spacemouse", "spacenav", "joy", "web"):
+            raise RunError(f"teleop '{self.teleop}' must be keyboard, spacemouse, spacenav, joy or web")
+        if self.scripted and self.teleop not in ("keyboard", "web"):
+            raise RunError("operator=scripted drives the keyboard or the web path: use teleop=keyboard or teleop=web")
+        if self.teleop == "keyboard" and not self.scripted and not sys.stdin.isatty():
+            raise RunError("hil=true with the keyboard needs a terminal (or teleop=web, or operator=scripted)")
+        self.store = Path(cfg.record or out / "hil.zarr").resolve()
+        self.fifo = out.resolve() / "keys.fifo"
+        self.url = f"http://{cfg.console.host}:{cfg.console.port}"
+        self.pose, self.status, self.operator, self.last_tick = None, {}, None, 0.0
+        self.stack = contextlib.ExitStack()
+        self.read_keys = lambda: b""
+
+    def launch_args(self) -> list[str]:
+        if self.teleop == "keyboard":
+            with contextlib.suppress(FileNotFoundError):
+                self.fifo.unlink()
+            os.mkfifo(self.fifo)
+        c = self.cfg.console
+        return [f"store:={self.store}", f"operator:={self.cfg.operator or ''}", f"teleop:={self.teleop}",
+                f"teleop_input:={self.fifo if self.teleop == 'keyboard' else ''}", f"console_host:={c.host}",
+                f"console_port:={c.port}", f"console_token:={c.token}"]
+
+    def attach(self, g: Graph, console) -> None:
+        from geometry_msgs.msg import PoseStamped
+        from std_msgs.msg import String
+
+        from robot_rl.nodes.common import msg_to_pose, qos
+        from robot_rl.operator import KeyPipe, WebJoystick
+
+        g.node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: setattr(self, "pose", msg_to_pose(m.pose)),
+                                   qos("state"))
+        g.node.create_subscription(String, "recorder/status", lambda m: self.status.update(json.loads(m.data)),
+                                   qos("latched"))
+        self.device = KeyPipe(self.fifo, g.spin_until) if self.teleop == "keyboard" else (
+            WebJoystick(self.url, str(self.cfg.console.token)) if self.teleop == "web" else None)
+        g.spin_until(lambda: self.status.get("streams_ready"), 120, "the recorder receiving every stream")
+        if self.teleop == "keyboard" and not self.scripted:
+            from robot_rl.drivers.teleop import KEY_HELP
+
+            self.read_keys = self.stack.enter_context(terminal())
+            console.print(f"take over with t, hand back with t; {KEY_HELP}")
+        console.print(f"operator console: {self.url}/ ; episodes are recorded into {self.store}")
+
+    def start_episode(self, task: str, seed: int, t0: float, dt: float) -> None:
+        if self.scripted:
+            from robot_rl.drivers.teleop import ScriptedOperator
+            from robot_rl.operator import HilOperator, expert_path
+
+            self.operator = HilOperator(self.device, ScriptedOperator(), expert_path(task, seed), t0, dt)
+
+    def tick(self, t: float) -> None:
+        """Called while an episode runs: forward the terminal's keys, or let the scripted operator act."""
+        if (data := self.read_keys()) and self.device is not None:
+            self.device.send(data)
+        if self.operator is not None and self.pose is not None and time.monotonic() - self.last_tick >= 0.05:
+            self.last_tick = time.monotonic()
+            self.operator.tick(t, self.pose[:3])
+
+    def end_episode(self, g: Graph, k: int, before: int) -> None:
+        if self.operator is not None and self.operator.engaged:
+            self.operator.device.takeover()  # hand back: the episode ends with the policy in control
+        self.operator = None
+        g.spin_until(lambda: self.status.get("episodes", 0) + self.status.get("discarded", 0) > before
+                     and not self.status.get("recording"), 60, f"the recorder storing episode {k}")
+
+    def summary(self, n: int) -> dict:
+        from robot_rl.store import EpisodeStore
+        from robot_rl.store.sampler import intervention_segments
+
+        st = EpisodeStore(self.store)
+        eps = range(max(0, st.n_episodes - n), st.n_episodes)
+        flags = [np.asarray(st.episode(e, ["intervention"])["intervention"], bool) for e in eps]
+        return {"store": str(self.store), "takeovers_per_episode": [len(intervention_segments(f)) for f in flags],
+                "intervention_rate": float(np.mean(np.concatenate(flags))) if flags else 0.0}
+
+    def close(self) -> None:
+        self.stack.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.fifo.unlink()
+
+
 def run(cfg: DictConfig, console) -> int:
     from diagnostic_msgs.msg import DiagnosticArray
     from rich.table import Table
@@ -119,23 +227,26 @@ def run(cfg: DictConfig, console) -> int:
     if not hw.is_sim:
         raise RunError(f"hardware config '{cfg.hardware_config}' is a real cell: start it with `robot-rl launch "
                        f"robot_policy ckpt:={cfg.ckpt} hardware_config:={cfg.hardware_config}` and run episodes with "
-                       "/episode/reset, /start, /stop (robot-rl run drives unattended sim episodes only; the operator "
-                       "workflow comes with `robot-rl record`)")
+                       "/episode/reset, /start, /stop, or the web console (robot-rl run drives sim episodes)")
     if cfg.mode not in ("lockstep", "realtime"):
         raise RunError(f"mode '{cfg.mode}' is not lockstep or realtime")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hil = HilSession(cfg, out) if cfg.hil else None
+    mode = "realtime" if hil else cfg.mode  # a person drives at the wall clock's pace
     task = pcfg.get("task") or cfg.task.name
     if task not in TASKS:
         raise RunError(f"checkpoint task '{task}' is not a robot_rl MuJoCo task; the ROS graph runs {sorted(TASKS)}")
     max_steps = cfg.task.get("max_steps") or _load(TASKS[task].entry_point).default_max_steps
     dt = 1.0 / hw.rates.policy_hz
     seed = int(cfg.train.eval_seed)
-    args = ["sim_policy", f"ckpt:={Path(cfg.ckpt).resolve()}",
-            f"hardware_config:={hw.source}", f"task:={task}", f"mode:={cfg.mode}", f"seed:={seed}",
-            f"sampler:={cfg.sampler or 'auto'}", f"device:={cfg.device}",
-            # real time: the next chunk is planned one step early, so it is there before the current one ends
-            f"plan_ahead:={1 if cfg.mode == 'realtime' else 0}"]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = ["sim_hil" if hil else "sim_policy", f"ckpt:={Path(cfg.ckpt).resolve()}",
+            f"hardware_config:={hw.source}", f"task:={task}", f"mode:={mode}", f"seed:={seed}",
+            f"sampler:={cfg.sampler or 'auto'}", f"device:={cfg.device}"]
+    if hil:
+        args += hil.launch_args()  # sim_hil plans one step ahead itself
+    else:  # real time: the next chunk is planned one step early, so it is there before the current one ends
+        args.append(f"plan_ahead:={1 if mode == 'realtime' else 0}")
     g = Graph(args, out / "run_launch.log", "robot_rl_run")
     node = g.node
     state: dict = {}
@@ -148,15 +259,22 @@ def run(cfg: DictConfig, console) -> int:
 
     results = []
     try:
+        if hil:
+            hil.attach(g, console)
         for k in range(int(cfg.episodes)):
+            before = hil.status.get("episodes", 0) + hil.status.get("discarded", 0) if hil else 0
             g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
             g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
             g.spin_until(lambda k=k: state.get("episode") == k and state.get("state") == "running", 30, "running")
             t_start, t0 = time.monotonic(), state["t"]
             t_end = t0 + max_steps * dt
             seen = {"t": clock["t"], "wall": time.monotonic()}
+            if hil:
+                hil.start_episode(task, seed + k, t0, dt)
 
             def over(t_end=t_end, seen=seen) -> bool:
+                if hil:
+                    hil.tick(clock["t"])
                 if clock["t"] != seen["t"]:
                     seen.update(t=clock["t"], wall=time.monotonic())
                 elif time.monotonic() - seen["wall"] > STALL_S:
@@ -167,6 +285,8 @@ def run(cfg: DictConfig, console) -> int:
             g.spin_until(over, max(600.0, 20 * max_steps * dt), f"episode {k}")
             success = bool(state.get("success"))
             g.call(SetBool, "episode/stop", SetBool.Request(data=success), f"stop of episode {k}")
+            if hil:
+                hil.end_episode(g, k, before)
             results.append({"episode": k, "seed": seed + k, "success": success,
                             "sim_s": round(clock["t"] - t0, 2), "wall_s": round(time.monotonic() - t_start, 2)})
             console.print(f"episode {k} (seed {seed + k}): {'success' if success else 'failure'} "
@@ -176,15 +296,24 @@ def run(cfg: DictConfig, console) -> int:
         cpu = _cpu_seconds(out / "run_launch.log")
     finally:
         g.close()
+        if hil:
+            hil.close()
     n, s = len(results), sum(r["success"] for r in results)
     lo, hi = wilson_interval(s, n)
-    table = Table(title=f"run {cfg.ckpt} on {task} through ROS 2 ({cfg.mode}, seeds {seed}..{seed + n - 1})")
-    for c in ("episodes", "success", "95% CI", "mean sim s", "mean wall s"):
+    human = hil.summary(n) if hil else None
+    table = Table(title=f"run {cfg.ckpt} on {task} through ROS 2 ({mode}{', human in the loop' if hil else ''}, "
+                        f"seeds {seed}..{seed + n - 1})")
+    cols = ["episodes", "success", "95% CI", "mean sim s", "mean wall s"]
+    row = [str(n), f"{100 * s / max(n, 1):.1f}%", f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+           f"{np.mean([r['sim_s'] for r in results]):.2f}", f"{np.mean([r['wall_s'] for r in results]):.2f}"]
+    if human:
+        cols += ["takeovers / episode", "intervention rate"]
+        row += [f"{np.mean(human['takeovers_per_episode']):.2f}", f"{100 * human['intervention_rate']:.1f}%"]
+    for c in cols:
         table.add_column(c)
-    table.add_row(str(n), f"{100 * s / max(n, 1):.1f}%", f"[{100 * lo:.1f}, {100 * hi:.1f}]",
-                  f"{np.mean([r['sim_s'] for r in results]):.2f}", f"{np.mean([r['wall_s'] for r in results]):.2f}")
+    table.add_row(*row)
     console.print(table)
-    (out / "run.json").write_text(json.dumps({"task": task, "mode": cfg.mode, "episodes": n, "successes": s,
+    (out / "run.json").write_text(json.dumps({"task": task, "mode": mode, "episodes": n, "successes": s,
                                               "ci95": [lo, hi], "per_episode": results, "cpu_s": cpu,
-                                              "diagnostics": diagnostics}, indent=2))
+                                              "human": human, "diagnostics": diagnostics}, indent=2))
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -28,9 +30,9 @@ from trajectory_msgs.msg import MultiDOFJointTrajectory  # noqa: E402
 
 from robot_rl.hardware import load_hardware_config  # noqa: E402
 from robot_rl.nodes.common import msg_to_pose, msg_to_targets, qos, stamp_to_sec  # noqa: E402
-from robot_rl.recording import intervention_segments, rlif_rewards  # noqa: E402
 from robot_rl.store import EpisodeStore  # noqa: E402
-from tests.helpers.ros import ROOT, Probe, fresh_domain, launched, ros_env  # noqa: E402
+from robot_rl.store.sampler import WindowConfig, WindowDataset, intervention_segments, rlif_rewards  # noqa: E402
+from tests.helpers.ros import ROOT, Probe, free_port, fresh_domain, launched, ros_env  # noqa: E402
 
 CELL = str(ROOT / "tests" / "hardware" / "sim_small.yaml")
 KEYS = {"state.ee_pose": 7}
@@ -177,3 +179,30 @@ def test_keyboard_takeover_moves_the_arm_and_hands_back_without_a_jump(tmp_path)
     policy_steps &= ~f
     assert np.abs(dx[policy_steps]).max() < 0.002, "the still policy's steps moved"
     assert not np.isnan(ep["action_policy"][~f]).all()  # what the policy proposed is kept
+    # learning signals as sampler options: HIL-SERL routes the human's steps, RLIF rewards the takeovers
+    ds = WindowDataset([store], WindowConfig(obs_keys=("state.ee_pose",)))
+    assert ds.ids_where(intervention=True).tolist() == np.flatnonzero(f).tolist()
+    assert ds.step_rewards("rlif").tolist() == rlif_rewards(f).tolist()
+
+
+def test_run_with_a_scripted_operator_on_the_web_path_records_its_takeovers(tmp_path):
+    """`robot-rl run hil=true operator=scripted teleop=web`: the still policy falls behind the expert,
+    the scripted operator takes over through the web console's joystick, and the run reports and
+    records exactly the takeovers it made (RLIF's −1 on the step before each)."""
+    still_checkpoint(tmp_path / "ckpt")
+    store = tmp_path / "hil.zarr"
+    r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "run", f"ckpt={tmp_path / 'ckpt'}", "hil=true",
+                        "operator=scripted", "teleop=web", "episodes=2", f"record={store}", f"out={tmp_path / 'run'}",
+                        f"hardware_config={CELL}", f"console.port={free_port()}"],
+                       env=ros_env(fresh_domain()), cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, (r.stderr[-2000:], (tmp_path / "run" / "run_launch.log").read_text()[-3000:])
+    assert "takeovers / episode" in r.stdout and "human in the loop" in r.stdout
+    human = json.loads((tmp_path / "run" / "run.json").read_text())["human"]
+    st = EpisodeStore(store)
+    assert st.n_episodes == 2 and all(m["source"] == "hil" for m in st.meta)
+    for k in range(2):
+        f = np.asarray(st.episode(k, ["intervention"])["intervention"], bool)
+        segments = intervention_segments(f)
+        assert len(segments) == human["takeovers_per_episode"][k] >= 1, (segments, human)
+        assert np.flatnonzero(rlif_rewards(f) == -1).tolist() == [a - 1 for a, _ in segments if a > 0]
+    assert 0 < human["intervention_rate"] < 1

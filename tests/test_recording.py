@@ -9,7 +9,8 @@ from collections import deque
 import numpy as np
 
 from robot_rl.geometry import action_to_delta, apply_delta
-from robot_rl.recording import StepAssembler, intervention_segments, rlif_rewards
+from robot_rl.recording import StepAssembler
+from robot_rl.store.sampler import intervention_segments, rlif_rewards
 
 DT = 0.1
 SCALE = (0.05, 0.05, 0.05, 0.25, 0.25, 0.25)

@@ -9,7 +9,9 @@ episode boundary. Padding at the edges depends on what an action dimension means
 `WindowDataset` is a map-style PyTorch dataset that takes a *list* of sample ids per call (use it
 with a BatchSampler and `batch_size=None`), so one call gathers a whole batch vectorised.
 `MixedBatchSampler` draws fixed shares from named subsets (demo / intervention / online), as
-RLPD and HIL-SERL do. `RingBuffer` is the in-RAM, fixed-capacity variant for online RL.
+RLPD and HIL-SERL do: `ids_where(intervention=True)` routes the human's intervention segments into
+the demonstration share (HIL-SERL), `step_rewards("rlif")` gives RLIF's intervention reward.
+`RingBuffer` is the in-RAM, fixed-capacity variant for online RL.
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ def pad_actions(actions: np.ndarray, valid: np.ndarray, deltas: np.ndarray) -> n
     out = actions.copy()
     out[~valid] *= ~deltas  # delta dims -> 0 (no motion), absolute dims keep the repeated edge
     return out
+
+
+def rlif_rewards(intervention: np.ndarray) -> np.ndarray:
+    """RLIF: −1 on the step before each takeover (a step whose successor is the first of an
+    intervention), 0 elsewhere. Per episode: pass one episode's flags."""
+    f = np.asarray(intervention, dtype=bool)
+    r = np.zeros(len(f), np.float32)
+    if len(f) > 1:
+        r[:-1][~f[:-1] & f[1:]] = -1.0
+    return r
+
+
+def intervention_segments(intervention: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) step ranges where a human was in control (HIL-SERL routes them into the
+    demonstration set as well)."""
+    f = np.concatenate([[False], np.asarray(intervention, dtype=bool), [False]])
+    edges = np.flatnonzero(f[1:] != f[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 @dataclass
@@ -137,6 +157,19 @@ class WindowDataset:
             flags = np.concatenate([self._state[si]["intervention"][self.t[self.src == si]] for si in range(len(self.sources))])
             keep &= flags == intervention
         return np.flatnonzero(keep)
+
+    def step_rewards(self, kind: str = "task") -> np.ndarray:
+        """Per sample id, the reward of its step: `task` (as recorded) or `rlif` (−1 on the step
+        before each takeover, from the intervention flags, per episode)."""
+        if kind not in ("task", "rlif"):
+            raise StoreError(f"reward '{kind}' is not task or rlif")
+        out = []
+        for si, st in enumerate(self._opened):
+            for e in self.sources[si].episodes:
+                s, t_end = int(st.starts[e]), int(st.ends[e])
+                out.append(st.load("reward")[s:t_end].astype(np.float32) if kind == "task"
+                           else rlif_rewards(self._state[si]["intervention"][s:t_end]))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     # ---- gathering ------------------------------------------------------------------------------------
     def _frame_readers(self) -> dict[tuple[int, str], FrameReader]:
