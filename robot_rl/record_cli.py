@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from robot_rl.operator import KeyPipe, WebJoystick, expert_path, waypoints
-from robot_rl.run_cli import Graph, RunError, terminal
+from robot_rl.run_cli import Graph, RunError, _cpu_seconds, terminal
 
 OPERATOR_KEYS = "o: reset + start   y: success   n: failure   b: abort (not stored)"
 SCRIPTED_TOLERANCE_M = 0.004
@@ -127,6 +127,7 @@ def record(cfg: DictConfig, console) -> int:
                                 "steps": status.get("steps")})
                 console.print(f"episode {k + 1}: {label}, " + (f"stored ({status['steps']} steps in the store)"
                                                                if stored else "not stored"))
+        cpu = _cpu_seconds(out / "record_launch.log")
     finally:
         g.close()
         with contextlib.suppress(FileNotFoundError):
@@ -139,7 +140,8 @@ def record(cfg: DictConfig, console) -> int:
                   str(status.get("dropped")))
     console.print(table)
     (out / "record.json").write_text(json.dumps({"task": task, "store": str(store), "teleop": teleop,
-                                                 "operator": operator, "episodes": results, "recorder": status}, indent=2))
+                                                 "operator": operator, "episodes": results, "recorder": status,
+                                                 "cpu_s": cpu}, indent=2))
     return 0
 
 

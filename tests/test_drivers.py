@@ -302,6 +302,24 @@ def test_shipped_launch_files_follow_the_supported_schema(name):
         assert any(a.startswith("hardware_config:=") for a in p.cmd)
 
 
+@pytest.mark.parametrize("name, args", [
+    ("sim_policy.launch.yaml", {"ckpt": "c"}), ("robot_policy.launch.xml", {"ckpt": "c"}),
+    ("sim_hil.launch.yaml", {"ckpt": "c"}), ("sim_teleop.launch.yaml", {"store": "s"}),
+    ("robot_teleop.launch.xml", {"store": "s"})])
+def test_every_composed_launch_file_resolves_to_robot_rl_nodes(name, args):
+    from pathlib import Path
+
+    procs = plan(Path(ROOT) / "launch" / name, args)
+    assert len({p.name for p in procs}) == len(procs) >= 7
+    for p in procs:
+        assert p.cmd[2].startswith("robot_rl.nodes.") and any(a.startswith("hardware_config:=") for a in p.cmd)
+    if "teleop" in name or "hil" in name:  # the filter checks the mux's output, the console is there
+        names = {p.name for p in procs}
+        assert {"teleop_node", "intervention_mux", "recorder", "web_console", "safety_filter"} <= names
+        filt = next(p for p in procs if p.name == "safety_filter")
+        assert "safety/input:=mux/target" in filt.cmd
+
+
 @pytest.mark.parametrize("text, args, match", [
     ("launch:\n- group: {scoped: 'true'}\n", {}, "<group> .* is not supported"),
     ("launch:\n- node: {pkg: robot_rl, exec: arm_node, launch_prefix: gdb}\n", {}, "unsupported attribute 'launch_prefix'"),
