@@ -17,7 +17,8 @@ Device protocols (REFERENCES.md §5):
 - spacenavd socket: events of 8 native int32: type 0 motion (x y z rx ry rz period), 1 press,
   2 release (button number).
 - Terminal keyboard: bytes (no key-release events): a motion key drives its axis until the opposite
-  key, `space` (stop), or `key_timeout_s` without the key repeating.
+  key, `space` (stop), or `key_timeout_s` without the key repeating; `g` closes, `h` opens the
+  gripper (absolute commands: a reset episode starts open whatever was pressed before).
 - Gamepad: `sensor_msgs/Joy` axes and buttons (from the standard `joy` node, evdev-backed).
 """
 
@@ -168,7 +169,7 @@ class SpacenavDecoder(SpaceMouseDecoder):
 KEY_AXES = {"w": (0, 1.0), "s": (0, -1.0), "a": (1, 1.0), "d": (1, -1.0), "r": (2, 1.0), "f": (2, -1.0),
             "q": (5, 1.0), "e": (5, -1.0)}
 ESCAPE_SEQUENCE = re.compile(r"\x1b(\[[0-9;]*[A-Za-z~]|O.|.)?")
-KEY_HELP = "w/s ±x  a/d ±y  r/f ±z  q/e ±yaw  space stop  g gripper  t takeover/hand back"
+KEY_HELP = "w/s ±x  a/d ±y  r/f ±z  q/e ±yaw  space stop  g close / h open the gripper  t takeover/hand back"
 
 
 class KeyboardDecoder:
@@ -189,8 +190,8 @@ class KeyboardDecoder:
                 self.held[axis] = (sign, now)
             elif ch == " ":
                 self.held.clear()
-            elif ch == "g":
-                self.gripper, self._gripper_edge = -self.gripper, True
+            elif ch in ("g", "h"):  # absolute: the arm's gripper may have changed since the last key
+                self.gripper, self._gripper_edge = (1.0 if ch == "g" else -1.0), True
             elif ch in ("t", "\n", "\r"):
                 self._engage = True
 
@@ -299,10 +300,12 @@ class ScriptedOperator:
     and in between drives toward the expert's point through a device's axes (what a human's hand
     would do with the same device): `keys` for the terminal keyboard, `axes` for a joystick."""
 
-    def __init__(self, takeover_m: float = 0.05, handback_m: float = 0.01, tolerance_m: float = 0.004):
+    def __init__(self, takeover_m: float = 0.05, handback_m: float = 0.01, tolerance_m: float = 0.004,
+                 tolerance_rad: float = 0.03):
         if not 0 <= handback_m < takeover_m:
             raise TeleopError("scripted operator: handback_m must be below takeover_m")
         self.takeover_m, self.handback_m, self.tolerance_m = takeover_m, handback_m, tolerance_m
+        self.tolerance_rad = tolerance_rad
         self.driving = False
 
     def decide(self, ee_pos: np.ndarray, reference: np.ndarray) -> tuple[bool, np.ndarray]:
@@ -315,19 +318,33 @@ class ScriptedOperator:
             self.driving = False
         return self.driving, err
 
-    def axes(self, err: np.ndarray, full_scale_m: float = 0.05) -> np.ndarray:
-        """Proportional deflection: full scale at `full_scale_m` of error."""
+    def pose_error(self, reference: np.ndarray, ee_pose: np.ndarray) -> np.ndarray:
+        """(dx, dy, dz, dyaw) from the end effector to a reference pose (xyz + wxyz); yaw about base z."""
+        dyaw = (quat_to_rot(reference[3:]) * quat_to_rot(ee_pose[3:]).inv()).as_rotvec()[2]
+        return np.append(np.asarray(reference[:3], dtype=np.float64) - ee_pose[:3], dyaw)
+
+    def reached(self, err: np.ndarray) -> bool:
+        e = np.asarray(err, dtype=np.float64)
+        return bool(np.all(np.abs(e[:3]) < self.tolerance_m) and (len(e) < 4 or abs(e[3]) < self.tolerance_rad))
+
+    def axes(self, err: np.ndarray, full_scale_m: float = 0.05, full_scale_rad: float = 0.3) -> np.ndarray:
+        """Proportional deflection: full scale at `full_scale_m` of error (and yaw at `full_scale_rad`)."""
+        e = np.asarray(err, dtype=np.float64)
         a = np.zeros(6)
-        a[:3] = np.clip(np.asarray(err)[:3] / full_scale_m, -1.0, 1.0)
+        a[:3] = np.clip(e[:3] / full_scale_m, -1.0, 1.0)
+        if len(e) > 3:
+            a[5] = np.clip(e[3] / full_scale_rad, -1.0, 1.0)
         return a
 
     def keys(self, err: np.ndarray) -> str:
         """Terminal keys for the sign of each axis error beyond the tolerance (bang-bang, as a
-        person tapping keys); a space first stops the axes that are within tolerance."""
+        person tapping keys; yaw too when the error has it); a space first stops the other axes."""
+        e = np.asarray(err, dtype=np.float64)
         out = " "
-        for axis, (pos, neg) in enumerate((("w", "s"), ("a", "d"), ("r", "f"))):
-            if err[axis] > self.tolerance_m:
+        for axis, (pos, neg) in enumerate((("w", "s"), ("a", "d"), ("r", "f"), ("q", "e"))[:len(e)]):
+            tol = self.tolerance_m if axis < 3 else self.tolerance_rad
+            if e[axis] > tol:
                 out += pos
-            elif err[axis] < -self.tolerance_m:
+            elif e[axis] < -tol:
                 out += neg
         return out

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 WAYPOINT_SPACING_M = 0.02
-CONTROL_PERIOD_S = 0.05  # the operator acts 20 times a second
+STEPS_PAST_SUCCESS = 10  # the path goes on a little past the expert's success (a person overshoots too)
 
 
 def expert_path(task: str, seed: int) -> list[tuple[np.ndarray, float | None]]:
-    """The scripted expert's end effector on the episode with this seed, step by step: (position
-    before the step, the sign of its gripper command where it changes, else None)."""
+    """The scripted expert's end effector on the episode with this seed, step by step: (pose before
+    the step, xyz + wxyz; the sign of its gripper command where it changes, else None), on until a
+    little past its success (a slower operator who follows it is not left just short of it)."""
     from robot_rl.rollout import policy_rng
     from robot_rl.sim import make_env, make_expert
 
@@ -31,17 +32,18 @@ def expert_path(task: str, seed: int) -> list[tuple[np.ndarray, float | None]]:
     expert.reset(policy_rng(seed))
     mask = env.unwrapped.mask
     path: list[tuple[np.ndarray, float | None]] = []
-    grip = None
+    grip, after_success = None, 0
     for _ in range(env.unwrapped.max_steps):
         action = expert.act(obs)
         g = float(np.sign(action[6])) if mask[6] and action[6] != 0 else None
-        path.append((env.unwrapped.arm.ee_pose[:3].copy(), g if g is not None and grip is not None and g != grip
+        path.append((env.unwrapped.arm.ee_pose.copy(), g if g is not None and grip is not None and g != grip
                      else None))  # close (or open) here
         grip = g if g is not None else grip
         obs, _, terminated, truncated, info = env.step(action)
-        if info.get("success") or terminated or truncated:
-            break
-    path.append((env.unwrapped.arm.ee_pose[:3].copy(), None))
+        after_success = after_success + 1 if info.get("success") else after_success
+        if after_success > STEPS_PAST_SUCCESS or truncated or (terminated and not after_success):
+            break  # (a task that terminates on success is stepped on a little: the physics allows it)
+    path.append((env.unwrapped.arm.ee_pose.copy(), None))
     env.close()
     return path
 
@@ -50,7 +52,7 @@ def waypoints(path: list[tuple[np.ndarray, float | None]]) -> list[tuple[np.ndar
     """A path thinned to points WAYPOINT_SPACING_M apart, keeping every gripper change and the end."""
     out: list[tuple[np.ndarray, float | None]] = []
     for pos, grip in path:
-        if grip is not None or not out or np.linalg.norm(pos - out[-1][0]) >= WAYPOINT_SPACING_M:
+        if grip is not None or not out or np.linalg.norm(pos[:3] - out[-1][0][:3]) >= WAYPOINT_SPACING_M:
             out.append((pos, grip))
     out.append((path[-1][0], None))
     return out
@@ -80,8 +82,8 @@ class KeyPipe:
     def drive(self, op, err: np.ndarray) -> None:
         self.send(op.keys(err))
 
-    def toggle_gripper(self) -> None:
-        self.send("g")
+    def set_gripper(self, command: float) -> None:
+        self.send("g" if command > 0 else "h")
 
     def takeover(self) -> None:
         """The engage button: takes control, or hands it back."""
@@ -93,7 +95,6 @@ class WebJoystick:
 
     def __init__(self, url: str, token: str = ""):
         self.url, self.token = url.rstrip("/"), token
-        self.gripper = -1.0
 
     def post(self, body: dict) -> dict:
         import urllib.request
@@ -109,9 +110,8 @@ class WebJoystick:
     def drive(self, op, err: np.ndarray) -> None:
         self.post({"axes": op.axes(err, full_scale_m=0.02).tolist()})
 
-    def toggle_gripper(self) -> None:
-        self.gripper = -self.gripper
-        self.post({"axes": [0.0] * 6, "gripper": self.gripper})
+    def set_gripper(self, command: float) -> None:
+        self.post({"axes": [0.0] * 6, "gripper": float(command)})
 
     def takeover(self) -> None:
         self.post({"axes": [0.0] * 6, "takeover": True})
@@ -128,9 +128,9 @@ class HilOperator:
         self.takeovers = 0
 
     def tick(self, t: float, ee: np.ndarray) -> None:
+        """`ee`: the measured end-effector position."""
         k = min(max(int((t - self.t0) / self.dt), 0), len(self.path) - 1)
-        ref = self.path[k][0]
-        driving, err = self.op.decide(ee, ref)
+        driving, err = self.op.decide(ee, self.path[k][0][:3])  # position only: the HIL operator corrects where
         if driving != self.engaged:
             self.device.takeover()
             self.engaged = driving

@@ -26,7 +26,7 @@ from robot_rl.run_cli import Graph, RunError, _cpu_seconds, terminal
 
 OPERATOR_KEYS = "o: reset + start   y: success   n: failure   b: abort (not stored)"
 SCRIPTED_TOLERANCE_M = 0.004
-GRIPPER_WAIT_S = 1.0
+GRIPPER_WAIT_S = 1.0  # sim seconds the scripted operator waits for the gripper
 
 
 def record(cfg: DictConfig, console) -> int:
@@ -180,12 +180,14 @@ def _drive(g: Graph, device, op, waypoints, seen: dict, state: dict, t_end: floa
             device.halt()
             continue
         target, grip = waypoints[i]
-        err = target - seen["pose"][:3]
-        if np.all(np.abs(err) < op.tolerance_m):
+        err = op.pose_error(target, seen["pose"])  # position and yaw
+        if op.reached(err):
             device.halt()
-            if grip is not None:
-                device.toggle_gripper()
-                _spin_for(g, GRIPPER_WAIT_S)
+            if grip is not None:  # the gripper closes (opens) in sim time, however slow the host
+                device.set_gripper(grip)
+                t_grip = seen["t"]
+                while seen["t"] < t_grip + GRIPPER_WAIT_S:
+                    _spin_for(g, 0.02)
             i += 1
             continue
         device.drive(op, err)

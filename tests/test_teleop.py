@@ -91,11 +91,15 @@ def test_keyboard_keys_hold_until_timeout_or_stop():
     assert k.sample(1.0).axes[0] == -1
     k.feed(b" ", now=1.0)
     assert not k.sample(1.0).axes.any()
-    k.feed(b"gt\x1b[A", now=1.0)  # gripper toggle, takeover; an arrow key's escape sequence is ignored
+    k.feed(b"gt\x1b[A", now=1.0)  # close the gripper, takeover; an arrow key's escape sequence is ignored
     s = k.sample(1.0)
     assert s.gripper == 1.0 and s.engage_pressed and not s.axes.any()
     s = k.sample(1.1)
     assert s.gripper is None and not s.engage_pressed
+    k.feed(b"gg", now=1.2)  # absolute, not a toggle: still closed
+    assert k.sample(1.2).gripper == 1.0
+    k.feed(b"h", now=1.3)
+    assert k.sample(1.3).gripper == -1.0
 
 
 def test_joy_layout_and_button_edges():

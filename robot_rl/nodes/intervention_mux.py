@@ -124,9 +124,11 @@ def build(cfg, _rt_note, stop):
         except ValueError:
             return
         with lock:
-            if s.get("state") == "running" and s.get("t") is not None and float(s["t"]) != st["episode_t"]:
+            if s.get("state") != "running":  # between episodes: the next one starts from the arm as the reset
+                integ.target, st["gripper"] = None, None  # left it (pose and gripper) until the operator acts
+            elif s.get("t") is not None and float(s["t"]) != st["episode_t"]:
                 st["episode_t"], st["step"] = float(s["t"]), None
-                integ.target = None  # a new episode (the arm was reset): the human starts from the measured pose
+                integ.target = None
 
     def on_safety(m) -> None:
         try:
