@@ -181,7 +181,8 @@ class WorldLink:
         return out
 
     def reply(self, msg: dict[str, Any], answer: dict[str, Any]) -> None:
-        self.ep.send(msg["_from"], answer)
+        if "_from" in msg:  # (a message handed over directly, not through the link, has no one to answer)
+            self.ep.send(msg["_from"], answer)
 
     def publish(self, stream: str, msg: dict[str, Any]) -> None:
         subs = self.subscribers.get(stream)

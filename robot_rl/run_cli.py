@@ -295,6 +295,7 @@ def run(cfg: DictConfig, console) -> int:
         g.spin_until(lambda: time.monotonic() >= t_diag, 3.0, "final diagnostics")
         cpu = _cpu_seconds(out / "run_launch.log")
     finally:
+        (out / "run_diagnostics.json").write_text(json.dumps(diagnostics, indent=2))  # what each node said last
         g.close()
         if hil:
             hil.close()

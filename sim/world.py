@@ -110,6 +110,8 @@ class SimWorld:
                 self.accepting = op == "start"
                 self.hold()
                 self.hold_requested = False
+                if op == "start":  # the episode manager announces "running" only now: no target can beat the start
+                    self.link.reply(msg, {"op": "start_done", "t": self.t})
             elif op == "home":
                 self.targets.clear()
                 self.add_target(self.t + float(msg.get("duration", 2.0)), self.home_pose, None)

@@ -83,11 +83,15 @@ def test_readme_commands_run(tmp_path):
             args += ["video=false", f"out={tmp_path}", "progress=false"]
         if args[0] in ("train", "distill"):  # tiny sizes: the learning itself is tested in test_policies
             args += ["train.batch_size=16", "net.down_dims=[16,32,64]", "train.eval_episodes=0", "progress=false"]
+        if args[0] == "replay":
+            args += ["video=false", f"out={tmp_path / 'replay'}"]
         ros = None
-        if args[0] == "run":  # the ROS graph, on a DDS domain of its own
-            from tests.helpers.ros import fresh_domain, ros_env
+        if args[0] in ("run", "record"):  # the ROS graph, on a DDS domain of its own
+            from tests.helpers.ros import free_port, fresh_domain, ros_env
 
             ros = ros_env(fresh_domain())
-            args += [f"out={tmp_path / 'run'}"]
+            args += [f"out={tmp_path / args[0]}", f"console.port={free_port()}"]
+            if args[0] == "record" or "hil=true" in args:  # no person at a terminal here: the scripted one
+                args = [a for a in args if not a.startswith("operator=")] + ["operator=scripted"]
         r = run(*args, cwd=tmp_path, env=ros)
         assert r.returncode == 0, (args, r.stderr[-500:])

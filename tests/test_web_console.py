@@ -71,7 +71,8 @@ def test_browser_sees_the_cameras_takes_over_and_drives_the_arm(tmp_path, browse
             probe.wait_for(lambda: probe.count("/front/image_policy") > 10, 120, "the front camera", proc, log)
             assert probe.call(Trigger, "/episode/reset", Trigger.Request(), timeout=90).success
             assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
-            probe.wait_for(lambda: who(probe) == "policy", 60, "the policy in control", proc, log)
+            probe.wait_for(lambda: who(probe) == "policy" and probe.latest("/arm/ee_pose") is not None, 60,
+                           "the policy in control and the arm's pose", proc, log)
 
             browser.get(f"http://127.0.0.1:{port}/")
             live = "const i = document.getElementById('cam-front'); return i && i.complete ? i.naturalWidth : 0;"

@@ -25,8 +25,8 @@ def build(cfg, _rt_note, stop):
     link = LinkClient(default_link_dir(p["sim.link"]), "episode", ["state"]) if cfg.is_sim else None
     home = None if cfg.is_sim else node.create_client(Trigger, "arm/home")
     lock = threading.Lock()
-    done = threading.Event()
-    latest = {"t": 0.0}  # sim time of the newest state from sim_world
+    done, started = threading.Event(), threading.Event()  # the sim's answers to reset and start
+    t_start = [0.0]  # sim time at which sim_world started the episode
     ep = {"episode": -1, "state": "idle", "seed": None, "label": None, "success": False, "failed": False, "t": 0.0}
     diag, meter = Diagnostics(node), RateMeter()
     state_pub = node.create_publisher(String, "episode/state", qos("latched"))
@@ -61,12 +61,14 @@ def build(cfg, _rt_note, stop):
     def start() -> tuple[bool, str]:
         if ep["state"] != "ready":
             return False, f"episode is '{ep['state']}', not 'ready'; call /episode/reset first"
-        if link is not None:
+        if link is not None:  # the sim accepts targets from now on; control starts at its time of the start
+            started.clear()
             link.send({"op": "start"})
-        # control starts now: the sim's latest state time (unchanged since the reset in lock-step), or the clock
-        # (never earlier than the reset: the loop may not have seen the post-reset state yet)
-        ep["state"], ep["t"] = "running", (max(latest["t"], ep["t"]) if link is not None
-                                           else stamp_to_sec(node.get_clock().now().to_msg()))
+            if not started.wait(10.0):
+                return False, "sim_world did not confirm the start within 10 s"
+            ep["state"], ep["t"] = "running", max(t_start[0], ep["t"])
+        else:
+            ep["state"], ep["t"] = "running", stamp_to_sec(node.get_clock().now().to_msg())
         announce()
         return True, f"episode {ep['episode']} running"
 
@@ -102,11 +104,13 @@ def build(cfg, _rt_note, stop):
             if msg is not None and msg.get("op") == "reset_done":
                 ep["t"] = msg["t"]
                 done.set()
+            if msg is not None and msg.get("op") == "start_done":
+                t_start[0] = msg["t"]
+                started.set()
             if msg is not None and msg.get("op") == "state":
                 meter.tick()
-                latest["t"] = msg["t"]
             if msg is None or msg.get("op") != "state" or ep["state"] != "running":
-                continue  # (a reset holds the lock while it waits for reset_done: never block here then)
+                continue  # (a reset or start holds the lock while it waits for the sim's answer: never block here then)
             with lock:
                 if ep["state"] == "running":
                     sec_to_stamp(msg["t"], reward.header.stamp)
