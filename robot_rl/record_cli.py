@@ -218,11 +218,12 @@ def replay(cfg: DictConfig, positional: str | None, console) -> int:
     obs, _ = env.reset(seed=int(meta["seed"]))
     frames = [env.render()] if cfg.video else []
     errors = {key: [] for key in keys}
-    info: dict = {}
+    succeeded = False  # latched, as the episode manager latches it
     for i, action in enumerate(ep["action"]):
         for key in keys:
             errors[key].append(float(np.linalg.norm(obs[key][:3] - ep[key][i][:3])))
         obs, _, _, _, info = env.step(action)
+        succeeded = succeeded or bool(info.get("success"))
         if cfg.video:
             frames.append(env.render())
     env.close()
@@ -233,11 +234,11 @@ def replay(cfg: DictConfig, positional: str | None, console) -> int:
         table.add_row(key, f"{1e3 * e[-1]:.1f}", f"{1e3 * max(e):.1f}")
     console.print(table)
     console.print(f"recorded: {'success' if meta.get('success') else 'failure'}; replayed: "
-                  f"{'success' if info.get('success') else 'failure'}")
+                  f"{'success' if succeeded else 'failure'}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"store": str(positional), "episode": k, "task": meta["task"], "seed": meta["seed"],
-              "recorded_success": meta.get("success"), "replayed_success": bool(info.get("success")),
+              "recorded_success": meta.get("success"), "replayed_success": succeeded,
               "final_error_m": {key: e[-1] for key, e in errors.items()},
               "max_error_m": {key: max(e) for key, e in errors.items()}}
     if frames:

@@ -68,10 +68,19 @@ def _through_ros(probe: Probe, episode: int, proc, log) -> np.ndarray:
 
     t0 = probe.wait_for(running, 30, f"episode {episode} running", proc, log)["t"]
 
+    by_step: dict[int, np.ndarray] = {}
+    seen = [0]
+
     def at(k: int):
+        """The pose stamped at policy step k (the probe's lock is held only to copy what is new)."""
         with probe.lock:
-            hits = [m for _, m in probe.msgs["/arm/ee_pose"] if abs(stamp_to_sec(m.header.stamp) - (t0 + 0.1 * k)) < 1e-6]
-        return msg_to_pose(hits[-1].pose) if hits else None
+            new = probe.msgs["/arm/ee_pose"][seen[0]:]
+        seen[0] += len(new)
+        for _, m in new:
+            j = round((stamp_to_sec(m.header.stamp) - t0) / 0.1, 6)
+            if j == int(j) and j >= 0:
+                by_step[int(j)] = msg_to_pose(m.pose)
+        return by_step.get(k)
 
     probe.wait_for(lambda: at(STEPS) is not None, 120, f"{STEPS} policy steps through ROS", proc, log)
     assert probe.call(SetBool, "/episode/stop", SetBool.Request(data=False)).success
@@ -90,7 +99,9 @@ def test_lockstep_rollouts_through_ros_match_the_in_process_rollouts(tmp_path):
     with launched(args, ros_env(domain), log) as proc:
         probe = Probe(domain)
         try:
-            probe.subscribe("/arm/ee_pose", PoseStamped, qos("state"))
+            deep = qos("state")
+            deep.depth = 5000  # every pose is compared: in lock-step the sim outruns a probe on a busy host
+            probe.subscribe("/arm/ee_pose", PoseStamped, deep)
             probe.subscribe("/episode/state", String, qos("latched"))
             got = [_through_ros(probe, k, proc, log) for k in range(2)]  # the second checks episode boundaries
         finally:

@@ -54,7 +54,8 @@ def build(cfg, _rt_note, stop):
     mapping, engagement = t.web, Engagement(t.engage, t.release_after_s)
     lock = threading.Lock()
     frames: dict[str, tuple[float, bytes]] = {}  # camera -> (receive time, JPEG)
-    raw: dict[str, Image] = {}
+    raw: dict[str, Image] = {}  # the newest frame per camera, and the one last encoded
+    encoded: dict[str, Image] = {}
     view: dict = {"episode": {}, "safety": {}, "recorder": {}, "policy": {}, "ee": None, "human": False,
                   "steps": 0, "human_steps": 0}
     web = {"axes": np.zeros(6), "t": 0.0, "engage": False, "gripper": None}
@@ -99,8 +100,9 @@ def build(cfg, _rt_note, stop):
             client, req = clients["stop"], SetBool.Request(data=action == "success")
         else:
             name = SERVICES[action]
-            client = clients["trigger"].setdefault(name, node.create_client(Trigger, name))
-            req = Trigger.Request()
+            if name not in clients["trigger"]:
+                clients["trigger"][name] = node.create_client(Trigger, name)
+            client, req = clients["trigger"][name], Trigger.Request()
         if not client.wait_for_service(timeout_sec=2.0):
             return False, f"{client.srv_name} is not available"
         fut = client.call_async(req)
@@ -114,6 +116,9 @@ def build(cfg, _rt_note, stop):
     def encode_frames() -> None:
         """JPEG-encode the newest frame of each camera at MJPEG_HZ (only what the page shows)."""
         for name, m in list(raw.items()):
+            if m is encoded.get(name):
+                continue  # no new frame since the last encode
+            encoded[name] = m
             img = np.frombuffer(m.data, np.uint8).reshape(m.height, m.width, 3)
             ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
             if ok:
