@@ -170,7 +170,7 @@ class SafetyGate:
         self.streams: dict[str, StreamWatchdog] = {}
         # a fixed period (no history): two policy periods, however often the server says it is alive
         self.heartbeat = StreamWatchdog(policy_period, limits.watchdog_periods, history=0)
-        self.policy_active = False
+        self.policy_active: bool | None = None  # None: not heard from yet (the heartbeat watchdog covers that)
         self.human = False
         self.policy_streams: set[str] = set()  # streams watched for the policy only
         self._over = 0  # consecutive wrench samples above the limit
@@ -228,7 +228,7 @@ class SafetyGate:
                 age = self.heartbeat.age(now)
                 self.reasons["policy heartbeat"] = "policy server heartbeat " + (
                     "never received" if age == float("inf") else f"missing for {age * 1e3:.0f} ms")
-        if not self.policy_active and not self.human:
+        if self.policy_active is False and not self.human:  # the server said so (lifecycle deactivate)
             self.reasons["policy heartbeat"] = "policy server inactive"
         return self.reasons
 

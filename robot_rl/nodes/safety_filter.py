@@ -168,9 +168,12 @@ def build(cfg, _rt_note, stop):
             return
         with lock:  # episodes start clean: no previous target, no latched reason (wrench, refusal)
             gate.checker.passed.clear()
-            state["episode_running"] = s.get("state") == "running"
-            if state["episode_running"]:
+            running = s.get("state") == "running"
+            if running and not state["episode_running"]:
                 gate.clear_latched()
+                if gate.update(now()):  # still holding as the episode starts: hold the arm on request, so a
+                    hold()  # lock-step clock runs on and the policy sees fresh observations (never a stall)
+            state["episode_running"] = running
 
     def reset_srv(_req, resp):
         with lock:
