@@ -17,7 +17,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from std_msgs.msg import Header  # noqa: E402
+from std_msgs.msg import Header, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 from trajectory_msgs.msg import MultiDOFJointTrajectory  # noqa: E402
 
@@ -115,6 +115,10 @@ def test_after_the_garbage_a_valid_chunk_still_moves_the_arm(cell):
     """Runs after the property test (file order): nothing got through, the nodes all report, and the
     same path carries a valid chunk to the arm."""
     proc, probe, pubs, log = cell
+    for topic in ("/episode/state", "/safety/state"):  # malformed state messages are ignored by every reader
+        state = probe.node.create_publisher(String, topic, qos("latched"))
+        for junk in ("not json", "[1, 2]", "42", "null", '{"state"'):
+            state.publish(String(data=junk))
     time.sleep(1.5)  # a fresh round of /diagnostics (1 Hz)
     assert counts(probe) == (0, 0), "a garbage target reached the arm backend"
     for node in ("sim_world", "arm_node", "action_executor", "safety_filter", "episode_manager"):

@@ -8,7 +8,6 @@ sends the hold last (one target at the measured pose, which replaces the buffere
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import deque
 
@@ -21,6 +20,8 @@ from robot_rl.nodes.common import (
     Lifecycle,
     RateMeter,
     declare,
+    is_holding,
+    json_state,
     msg_to_pose,
     msg_to_targets,
     qos,
@@ -96,9 +97,10 @@ def build(cfg, _rt_note, stop):
             process()
 
     def on_episode(m) -> None:
-        state = json.loads(m.data)
+        if (state := json_state(m)) is None or "state" not in state:
+            return
         with lock:
-            if state["state"] == "running" and state["episode"] != episode["id"]:
+            if state["state"] == "running" and state.get("episode") != episode["id"]:
                 episode.update(id=state["episode"], t=state.get("t"))
                 ex.target = None
                 process()
@@ -122,12 +124,8 @@ def build(cfg, _rt_note, stop):
             process()
 
     def on_safety(m) -> None:
-        try:
-            holding = json.loads(m.data).get("state") == "hold"
-        except (ValueError, AttributeError):
-            return
         with lock:
-            if holding:  # the arm holds its measured pose: control restarts from there with the next chunk
+            if is_holding(m):  # the arm holds its measured pose: control restarts from there with the next chunk
                 ex.target = None
                 pending.clear()
 

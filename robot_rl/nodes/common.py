@@ -6,6 +6,7 @@ Poses are xyz + wxyz arrays in the stack and `geometry_msgs` (xyzw) on the wire:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -73,6 +74,22 @@ def qos(kind: str):
         "clock": QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.BEST_EFFORT),
     }
     return table[kind]
+
+
+# ---- latched JSON state topics (episode/state, safety/state, …) ----------------------------------------
+def json_state(msg) -> dict | None:
+    """The JSON object carried by a std_msgs/String state message, or None when it is malformed:
+    a bad message on a state topic is ignored, it never takes a node down."""
+    try:
+        value = json.loads(msg.data)
+    except (ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def is_holding(msg) -> bool:
+    """True when a safety/state message says the arm holds its measured pose."""
+    return (json_state(msg) or {}).get("state") == "hold"
 
 
 # ---- conversions ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ it (no policy heartbeat is required while a human drives).
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 
@@ -26,6 +25,8 @@ from robot_rl.hardware import TeleopSection, section_from_params
 from robot_rl.nodes.common import (
     Diagnostics,
     declare,
+    is_holding,
+    json_state,
     msg_to_pose,
     qos,
     run_node,
@@ -119,9 +120,7 @@ def build(cfg, _rt_note, stop):
         out_pub.publish(targets_to_msg(stamp, [(stamp + lead, target, gripper)], p["frame"]))
 
     def on_episode(m) -> None:
-        try:
-            s = json.loads(m.data)
-        except ValueError:
+        if (s := json_state(m)) is None:
             return
         with lock:
             if s.get("state") != "running":  # between episodes: the next one starts from the arm as the reset
@@ -131,11 +130,7 @@ def build(cfg, _rt_note, stop):
                 integ.target = None
 
     def on_safety(m) -> None:
-        try:
-            holding = json.loads(m.data).get("state") == "hold"
-        except (ValueError, AttributeError):
-            return
-        if holding:
+        if is_holding(m):
             with lock:
                 integ.target = None  # after a hold the human continues from the measured pose
 

@@ -32,6 +32,7 @@ from robot_rl.nodes.common import (
     RateMeter,
     cell_spec,
     declare,
+    json_state,
     qos,
     run_node,
     targets_to_msg,
@@ -134,9 +135,10 @@ def build(cfg, _rt_note, stop):
             s["policy"].kind, "ddim10")
 
     def on_episode(m) -> None:
-        state = json.loads(m.data)
+        if (state := json_state(m)) is None or "state" not in state:
+            return
         with lock:
-            if state["state"] == "running" and state["episode"] != ep["episode"]:
+            if state["state"] == "running" and state.get("episode") != ep["episode"]:
                 ep.update(episode=state["episode"], running=True, t_next=state.get("t"), reset_seed=state.get("seed") or 0)
             elif state["state"] != "running":
                 ep["running"] = False

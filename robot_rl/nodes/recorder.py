@@ -25,6 +25,7 @@ from robot_rl.nodes.common import (
     ObservationBuffers,
     cell_spec,
     declare,
+    json_state,
     msg_to_targets,
     qos,
     run_node,
@@ -110,9 +111,7 @@ def build(cfg, _rt_note, stop):
         return cb
 
     def on_episode(m) -> None:
-        try:
-            s = json.loads(m.data)
-        except ValueError:
+        if (s := json_state(m)) is None:
             return
         with cond:
             if s.get("state") == "running" and s.get("episode") != rec["episode"] and rec["t0"] is None:

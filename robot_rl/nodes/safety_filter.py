@@ -22,6 +22,7 @@ from robot_rl.nodes.common import (
     Diagnostics,
     Lifecycle,
     declare,
+    json_state,
     msg_to_pose,
     msg_to_targets,
     qos,
@@ -162,9 +163,7 @@ def build(cfg, _rt_note, stop):
             publish_state(gate.update(now()))
 
     def on_episode(m) -> None:
-        try:
-            s = json.loads(m.data)
-        except ValueError:
+        if (s := json_state(m)) is None:
             return
         with lock:  # episodes start clean: no previous target, no latched reason (wrench, refusal)
             gate.checker.passed.clear()

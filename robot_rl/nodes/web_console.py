@@ -27,7 +27,7 @@ import numpy as np
 
 from robot_rl.drivers.teleop import Engagement
 from robot_rl.hardware import TeleopSection, section_from_params
-from robot_rl.nodes.common import Diagnostics, TeleopOutput, declare, msg_to_pose, qos, run_node
+from robot_rl.nodes.common import Diagnostics, TeleopOutput, declare, json_state, msg_to_pose, qos, run_node
 
 STALE_S = 0.3  # browser input older than this is a released joystick
 MJPEG_HZ = 10.0
@@ -65,9 +65,7 @@ def build(cfg, _rt_note, stop):
 
     def latched(topic: str, key: str) -> None:
         def cb(m) -> None:
-            try:
-                value = json.loads(m.data)
-            except ValueError:
+            if (value := json_state(m)) is None:
                 return
             with lock:
                 if key == "episode" and value.get("episode") != view["episode"].get("episode"):
