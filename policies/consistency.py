@@ -82,6 +82,21 @@ class ConsistencyPolicy(DiffusionPolicy):
         return a0
 
 
+    def compute_loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Fine-tuning without a teacher (advantage-weighted, robot_rl.learning.finetune): the student's
+        jump to time 0 regresses the data action from a noised copy of it, half the batch at the
+        one-step start time, half at a random time, so both cm1 and chained sampling follow the data."""
+        T = self.cfg.num_train_timesteps
+        cond = self.condition(batch)
+        a0 = self.normalizer.normalize("action", batch["action"].float())
+        b, t0 = a0.shape[0], start_time(T)
+        t = torch.where(torch.arange(b, device=a0.device) < b // 2, t0, torch.randint(1, t0 + 1, (b,), device=a0.device))
+        a = self.alphas_cumprod[t].view(-1, 1, 1)
+        x = a.sqrt() * a0 + (1 - a).sqrt() * torch.randn_like(a0)
+        pred = self.consistency_fn(self.net, x, t, cond)
+        return masked_mean((pred - a0) ** 2, batch.get("action_is_pad"), weights)
+
+
 class Distiller:
     """Holds teacher (frozen), student and target network; `loss(batch)` is one CD objective."""
 

@@ -55,13 +55,15 @@ class PolicyConfig:
         return asdict(self)
 
 
-def masked_mean(err: torch.Tensor, is_pad: torch.Tensor | None) -> torch.Tensor:
+def masked_mean(err: torch.Tensor, is_pad: torch.Tensor | None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of a per-element error over (B, horizon, dim), skipping padded action steps: padding
-    teaches the network nothing about the demonstrator."""
-    if is_pad is None:
-        return err.mean()
-    w = (~is_pad).float().unsqueeze(-1)
-    return (err * w).sum() / (w.sum() * err.shape[-1]).clamp(min=1)
+    teaches the network nothing about the demonstrator. `weights` (B,) scale each sample's error
+    (advantage-weighted fine-tuning); the normaliser stays the count of unpadded elements."""
+    w = torch.ones_like(err[..., :1]) if is_pad is None else (~is_pad).float().unsqueeze(-1)
+    count = (w.sum() * err.shape[-1]).clamp(min=1)
+    if weights is not None:
+        w = w * weights.view(-1, 1, 1)
+    return (err * w).sum() / count
 
 
 def parse_sampler(name: str) -> tuple[str, int]:
@@ -103,14 +105,14 @@ class DiffusionPolicy(nn.Module):
         return self.encoder(self.state_tensor(batch), images, image_features)
 
     # ---- training ---------------------------------------------------------------------------------
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.condition(batch)
         a0 = self.normalizer.normalize("action", batch["action"].float())
         noise = torch.randn_like(a0)
         t = torch.randint(0, self.cfg.num_train_timesteps, (a0.shape[0],), device=a0.device)
         at = self.noise_scheduler.add_noise(a0, noise, t)
         pred = self.net(at, t, cond)
-        return masked_mean((pred - noise) ** 2, batch.get("action_is_pad"))
+        return masked_mean((pred - noise) ** 2, batch.get("action_is_pad"), weights)
 
     # ---- sampling -----------------------------------------------------------------------------------
     def scheduler(self, kind: str, steps: int):
@@ -151,11 +153,11 @@ class BCPolicy(DiffusionPolicy):
 
     kind = "bc"
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.condition(batch)
         a0 = self.normalizer.normalize("action", batch["action"].float())
         pred = self.net(torch.zeros_like(a0), torch.zeros(a0.shape[0], dtype=torch.long, device=a0.device), cond)
-        return masked_mean((pred - a0) ** 2, batch.get("action_is_pad"))
+        return masked_mean((pred - a0) ** 2, batch.get("action_is_pad"), weights)
 
     @torch.no_grad()
     def sample_normalized(self, cond, sampler: str = "bc", generator=None, noise=None) -> torch.Tensor:

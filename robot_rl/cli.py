@@ -29,13 +29,13 @@ VERBS: dict[str, dict[str, str]] = {
     "train": {"": "train a diffusion teacher: policy=diffusion task=<task> store=<store> [train.steps=...]"},
     "distill": {"": "distil a one-step consistency student: teacher=<ckpt> [distill.steps=...]"},
     "eval": {"": "closed-loop evaluation: ckpt=<ckpt> task=<task> episodes=N sampler=<ddpm100|ddim10|cm1|cm3>"},
+    "finetune": {"": "RL fine-tuning: ckpt=<ckpt> [mode=online|offline] [store=<demos>] [finetune.rounds=...]"},
     "launch": {"": "run a ROS 2 launch file: launch <file|sim_bringup|robot_bringup> [name:=value ...]"},
     "run": {"": "a policy on the sim robot through ROS 2: ckpt=<ckpt> [mode=lockstep|realtime] episodes=N"},
     "record": {"": "demonstrations through ROS 2: task=<task> teleop=<keyboard|spacemouse|spacenav|joy> episodes=N "
                    "[record=<store>] [operator=scripted]"},
     "replay": {"": "a recorded episode's actions on the sim robot: replay <store> episode=K"},
 }
-PLANNED = {"finetune"}
 
 
 class UserError(Exception):
@@ -55,8 +55,6 @@ def parse(argv: list[str]) -> tuple[str, str, str | None, list[str]]:
         raise SystemExit(usage())
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        if verb in PLANNED:
-            raise UserError(f"'robot-rl {verb}' is not available in this release yet; available: {sorted(VERBS)}")
         raise UserError(f"unknown verb '{verb}'; verbs: {sorted(VERBS)} (robot-rl --help)")
     sub = ""
     if "" not in VERBS[verb]:
@@ -345,7 +343,7 @@ COMMANDS: dict[tuple[str, str], Callable[[DictConfig, str | None], int]] = {
     ("sim", "rollout"): cmd_sim_rollout,
     ("demo", ""): cmd_demo,
     **{("data", sub): cmd_data(sub) for sub in VERBS["data"]},
-    **{(verb, ""): cmd_learn(verb) for verb in ("train", "distill", "eval")},
+    **{(verb, ""): cmd_learn(verb) for verb in ("train", "distill", "eval", "finetune")},
     **{(verb, ""): cmd_graph(verb) for verb in ("run", "record", "replay")},
 }
 

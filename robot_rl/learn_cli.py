@@ -1,4 +1,5 @@
-"""`robot-rl train | distill | eval`: imitation, distillation and closed-loop evaluation."""
+"""`robot-rl train | distill | eval | finetune`: imitation, distillation, closed-loop evaluation and
+RL fine-tuning."""
 
 from __future__ import annotations
 
@@ -167,4 +168,61 @@ def cmd_eval(cfg: DictConfig, positional: str | None, console, task_setup) -> in
     return 0
 
 
-COMMANDS = {"train": cmd_train, "distill": cmd_distill, "eval": cmd_eval}
+def finetune_config(cfg: DictConfig):
+    from robot_rl.learning.finetune import FinetuneConfig
+
+    f = cfg.finetune
+    keys = ("reward", "gamma", "beta", "max_weight", "batch_size", "critic_lr", "policy_lr", "critic_steps", "policy_steps",
+            "gate_threshold", "redistill_steps", "rounds", "episodes_per_round", "max_env_steps", "explore_std", "utd",
+            "policy_every", "demo_ratio", "warm_start", "eval_episodes", "eval_every")
+    try:
+        return FinetuneConfig(**{k: f[k] for k in keys}, critic={"q_loss": str(f.q_loss)}, seed=int(cfg.seed),
+                              device=str(cfg.device), eval_seed=int(cfg.train.eval_seed),
+                              sampler=str(cfg.sampler) if cfg.sampler else None)
+    except ValueError as e:
+        raise LearnError(f"finetune: {e}") from None
+
+
+def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
+    from rich.table import Table
+
+    from robot_rl.learning.finetune import finetune_offline, finetune_online
+    from robot_rl.policies.checkpoint import read_config
+
+    ckpt = cfg.ckpt or positional
+    if not ckpt:
+        raise LearnError("robot-rl finetune needs ckpt=<checkpoint folder> (a teacher or a distilled student)")
+    mode = cfg.mode or "online"
+    if mode not in ("online", "offline"):
+        raise LearnError(f"finetune mode '{mode}' is not online or offline")
+    pcfg = read_config(ckpt)
+    name, setup = task_setup(cfg)
+    if pcfg.get("task") and pcfg["task"] != name:  # the task the checkpoint was trained on
+        name, setup = pcfg["task"], task_setup_for(pcfg["task"])
+    make = env_factory(name, setup, pcfg["spec_subset"])
+    fcfg = finetune_config(cfg)
+    stores = _stores(cfg, None) if cfg.store else [str(s) for s in pcfg.get("stores", [])]
+    out = Path(cfg.finetune.out)
+    if mode == "offline":
+        if not stores:
+            raise LearnError("offline fine-tuning needs stores with rewards: store=<store> (or a checkpoint that names them)")
+        report = finetune_offline(ckpt, stores, out, fcfg, progress=cfg.progress, make_env=make, task=name)
+        verdict = "kept" if report["kept"] else "rejected (the estimate did not improve by the threshold)"
+        console.print(f"offline update {verdict}: E[Q(s0, pi(s0))] {report['ope_before']:.4f} -> {report['ope_best']:.4f}")
+    else:
+        report = finetune_online(ckpt, name, make, stores, out, fcfg, progress=cfg.progress)
+    rows = [(k, report["eval"][k]) for k in ("before", "after")] if "eval" in report else \
+        [(k, report[k]) for k in ("before", "after") if report.get(k)]
+    if rows:
+        t = Table(title=f"finetune {mode} on {name}: {fcfg.eval_episodes} paired episodes from seed {fcfg.eval_seed}")
+        for c in ("policy", "success", "95% CI"):
+            t.add_column(c)
+        for label, r in rows:
+            t.add_row(label, f"{100 * r['success_rate']:.1f}%", f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]")
+        console.print(t)
+    console.print(f"report: {out / 'report.json'}; policy: {report.get('policy', '(unchanged)')}"
+                  + (f"; curves: {out / 'curves.png'}, TensorBoard: {out / 'tensorboard'}" if mode == "online" else ""))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "eval": cmd_eval, "finetune": cmd_finetune}

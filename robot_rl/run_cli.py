@@ -228,12 +228,12 @@ def run(cfg: DictConfig, console) -> int:
         raise RunError(f"hardware config '{cfg.hardware_config}' is a real cell: start it with `robot-rl launch "
                        f"robot_policy ckpt:={cfg.ckpt} hardware_config:={cfg.hardware_config}` and run episodes with "
                        "/episode/reset, /start, /stop, or the web console (robot-rl run drives sim episodes)")
-    if cfg.mode not in ("lockstep", "realtime"):
+    if (cfg.mode or "lockstep") not in ("lockstep", "realtime"):
         raise RunError(f"mode '{cfg.mode}' is not lockstep or realtime")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     hil = HilSession(cfg, out) if cfg.hil else None
-    mode = "realtime" if hil else cfg.mode  # a person drives at the wall clock's pace
+    mode = "realtime" if hil else cfg.mode or "lockstep"  # a person drives at the wall clock's pace
     task = pcfg.get("task") or cfg.task.name
     if task not in TASKS:
         raise RunError(f"checkpoint task '{task}' is not a robot_rl MuJoCo task; the ROS graph runs {sorted(TASKS)}")

@@ -268,7 +268,15 @@ class RobotSpec:
 
 
 def subset_hash(subset: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()
+    """Content hash of a spec subset; a number hashes by value (a rate of 10 from a YAML file equals 10.0)."""
+    def canonical(v):
+        if isinstance(v, Mapping):
+            return {k: canonical(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [canonical(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    return hashlib.sha256(json.dumps(canonical(subset), sort_keys=True).encode()).hexdigest()
 
 
 def check_compatible(subset: Mapping[str, Any], spec: RobotSpec, hardware: bool) -> None:

@@ -71,6 +71,9 @@ def test_policy_hash_depends_only_on_the_policy_subset():
     # a change the policy sees (action scale, key shape) changes it
     assert replace(spec, action=ActionSpec(scale=(0.1,) * 3 + (0.25,) * 3 + (1.0,))).policy_hash(keys) != h
     assert spec.policy_hash(["state.ee_pose"]) != h
+    # a rate written as 10 (YAML, Hydra) is the same spec as 10.0
+    as_int = replace(spec, rates=replace(spec.rates, policy_hz=int(spec.rates.policy_hz)))
+    assert as_int.policy_hash(keys) == h
 
 
 def test_compatibility_refuses_missing_and_sim_only_keys():

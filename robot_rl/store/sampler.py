@@ -163,13 +163,19 @@ class WindowDataset:
         before each takeover, from the intervention flags, per episode)."""
         if kind not in ("task", "rlif"):
             raise StoreError(f"reward '{kind}' is not task or rlif")
-        out = []
-        for si, st in enumerate(self._opened):
-            for e in self.sources[si].episodes:
-                s, t_end = int(st.starts[e]), int(st.ends[e])
-                out.append(st.load("reward")[s:t_end].astype(np.float32) if kind == "task"
-                           else rlif_rewards(self._state[si]["intervention"][s:t_end]))
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        if kind == "task":
+            return self.step_values("reward").astype(np.float32)
+        return self._per_episode(lambda si, st, s, t_end: rlif_rewards(self._state[si]["intervention"][s:t_end]),
+                                 np.float32)
+
+    def step_values(self, key: str) -> np.ndarray:
+        """Per sample id, a per-step array of the stores (reward, terminated, truncated, intervention)."""
+        return self._per_episode(lambda si, st, s, t_end: st.load(key)[s:t_end], None)
+
+    def _per_episode(self, fn, dtype) -> np.ndarray:
+        out = [fn(si, st, int(st.starts[e]), int(st.ends[e]))
+               for si, st in enumerate(self._opened) for e in self.sources[si].episodes]
+        return np.concatenate(out) if out else np.zeros(0, dtype or np.float32)
 
     # ---- gathering ------------------------------------------------------------------------------------
     def _frame_readers(self) -> dict[tuple[int, str], FrameReader]:

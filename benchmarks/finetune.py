@@ -1,0 +1,80 @@
+"""RL fine-tuning results: a deliberately weak imitation student (few demonstrations, short
+training) fine-tuned online in simulation, next to a control that spends the same environment
+steps and updates on the same data without any RL signal (uniform weights, no critic term: plain
+behaviour cloning on demonstrations + its own rollouts). Both start from the same checkpoint and are
+evaluated before and after on the same seeds (disjoint from demonstration and training seeds).
+Resumable: the start checkpoint and each arm's run are cached under --out.
+
+    python benchmarks/finetune.py                              # reach, 1 seed (~25 min on 2 cores)
+    python benchmarks/finetune.py --tasks lift,peg_insert --seeds 0,1,2 --rounds 40 --episodes 100
+"""
+# ruff: noqa: I001
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import robot_rl  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads: keep first)
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit  # noqa: E402
+
+from robot_rl.cli import compose, task_setup  # noqa: E402
+from robot_rl.learn_cli import env_factory  # noqa: E402
+from robot_rl.learning.finetune import FinetuneConfig, finetune_online  # noqa: E402
+from robot_rl.learning.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from robot_rl.learning.train import LoopConfig  # noqa: E402
+from robot_rl.policies.checkpoint import read_config  # noqa: E402
+
+ARMS = {"rl": {}, "bc_control": {"beta": 0.0, "extraction": "awr"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="reach")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--demos", type=int, default=10)
+    ap.add_argument("--train-steps", type=int, default=1000)
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--episodes-per-round", type=int, default=20)
+    ap.add_argument("--episodes", type=int, default=50, help="evaluation episodes, before and after")
+    ap.add_argument("--set", default="{}", help="FinetuneConfig overrides for the rl arm, as JSON")
+    ap.add_argument("--out", default="outputs/bench_finetune")
+    args = ap.parse_args()
+    ARMS["rl"] = json.loads(args.set)
+    figures: dict[str, object] = {}
+    t_all = time.perf_counter()
+    for task in args.tasks.split(","):
+        name, setup = task_setup(compose([f"task={task}"]))
+        for seed in (int(s) for s in args.seeds.split(",")):
+            work = Path(args.out) / name.replace("/", "_") / f"seed{seed}"
+            start = PipelineConfig(task=name, setup=setup, demos=args.demos, demo_seed=1000 * seed, evals=(), video=False,
+                                   train=LoopConfig(steps=args.train_steps, lr=3e-4, warmup_steps=100, eval_episodes=0,
+                                                    ckpt_every=0, seed=seed),
+                                   distill=LoopConfig(steps=args.distill_steps, lr=3e-4, warmup_steps=30, eval_episodes=0,
+                                                      ckpt_every=0, seed=seed),
+                                   progress=False)
+            res = run_pipeline(start, work)
+            make = env_factory(name, setup, read_config(res["student"])["spec_subset"])
+            for arm, overrides in ARMS.items():
+                t0 = time.perf_counter()
+                cfg = FinetuneConfig(rounds=args.rounds, episodes_per_round=args.episodes_per_round,
+                                     eval_episodes=args.episodes, seed=seed, **overrides)
+                rep = finetune_online(res["student"], name, make, [res["store"]], work / arm, cfg, progress=False)
+                key = f"{name}.seed{seed}.{arm}"
+                figures[key] = {"before": rep["before"]["success_rate"], "after": rep["after"]["success_rate"],
+                                "gain_points": round(100 * (rep["after"]["success_rate"] - rep["before"]["success_rate"]), 1),
+                                "env_steps": rep["env_steps"], "wall_min": round((time.perf_counter() - t0) / 60, 1),
+                                "exploring_success": rep["history"]["success"]}
+                print(key, figures[key], flush=True)
+    figures["wall_min"] = round((time.perf_counter() - t_all) / 60, 1)
+    emit("finetune", figures, "python benchmarks/finetune.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""RL fine-tuning: chunk transitions from real stores, IQL critics (MSE and HL-Gauss), the OPE gate of
+the offline update, the actor's critic-ranked selection, the DDPG+BC gradient through the one-step
+student, resume of the online loop, and the `robot-rl finetune` command end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from robot_rl.policies.checkpoint import load_policy
+from robot_rl.policies.critic import ChunkCritic, CriticConfig, hl_gauss_target
+from robot_rl.sim import make_env, make_expert
+
+from robot_rl.learning.finetune import (
+    ChunkData,
+    ExploringAgent,
+    FinetuneConfig,
+    Learner,
+    finetune_offline,
+    finetune_online,
+)
+from robot_rl.learning.train import LoopConfig, make_teacher, train_diffusion
+from robot_rl.rollout import EpisodeRecorder, RandomPolicy, run_episodes
+from robot_rl.store import EpisodeStore
+from robot_rl.store.tools import prepare
+
+SMALL = {"down_dims": (32, 64, 128), "step_embed_dim": 64}
+KEYS = ["state.ee_pose", "state.object.goal"]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """reach: 12 scripted successes (seeds 0…) and 6 random-policy failures (truncated at 50 steps)."""
+    root = tmp_path_factory.mktemp("ft")
+    env = make_env("reach")
+    for name, policy, n, seed, source in (("demos", make_expert(env), 12, 0, "scripted"),
+                                          ("failures", RandomPolicy(env), 6, 50, "policy")):
+        rec = EpisodeRecorder(root / f"{name}.zarr", env.robot_spec, "reach", source)
+        run_episodes(env, policy, n, seed, "reach", name, progress=False, recorder=rec)
+        rec.close()
+        prepare(root / f"{name}.zarr")
+    env.close()
+    return [str(root / "demos.zarr"), str(root / "failures.zarr")]
+
+
+@pytest.fixture(scope="module")
+def weak_teacher(stores, tmp_path_factory):
+    """A weak state teacher (about 25 % on reach) from a short run on the scripted episodes of the store."""
+    out = tmp_path_factory.mktemp("ft") / "teacher"
+    loop = LoopConfig(steps=1000, batch_size=64, lr=1e-3, warmup_steps=10, eval_episodes=0, ckpt_every=0, log_every=50)
+    train_diffusion(stores[:1], out, dict(SMALL), loop, keys=KEYS, task="reach", progress=False)
+    return out
+
+
+def test_hl_gauss_target_is_a_distribution_centred_on_the_value():
+    edges = torch.linspace(-1.5, 1.5, 52)
+    centers = (edges[1:] + edges[:-1]) / 2
+    y = torch.tensor([-0.7, 0.0, 0.42, 5.0])
+    p = hl_gauss_target(y, edges, 0.75 * 3 / 51)
+    assert torch.allclose(p.sum(-1), torch.ones(4))
+    assert torch.allclose((p * centers).sum(-1)[:3], y[:3], atol=2e-3)
+    assert (p * centers).sum(-1)[3] == pytest.approx(1.5, abs=0.05)  # clamped to the support
+    with pytest.raises(ValueError, match="q_loss"):
+        CriticConfig(obs_dim=3, act_dim=2, q_loss="huber")
+
+
+def test_chunk_transitions_sum_rewards_and_stop_at_terminals(stores):
+    demos, failures = EpisodeStore(stores[0]), EpisodeStore(stores[1])
+    policy = make_teacher([demos], KEYS, dict(SMALL))
+    data = ChunkData(stores[:1], policy, gamma=0.9, online=stores[1:])
+    n_act = policy.cfg.n_action_steps
+    for st, e, offset in ((demos, 0, 0), (failures, 1, demos.n_steps)):  # a success (terminated), a failure (truncated)
+        reward, term = st.load("reward"), st.load("terminated")
+        s, t_end = int(st.starts[e]), int(st.ends[e])
+        for t in range(s, t_end):
+            k = min(n_act, t_end - t)
+            expect = sum(0.9**i * reward[t + i] for i in range(k))
+            assert float(data.ret[offset + t]) == pytest.approx(expect, abs=1e-6)
+            nxt = int(data.next_ids[offset + t]) - offset
+            assert s <= nxt < t_end and nxt == min(t + n_act, t_end - 1)
+            if t + n_act >= t_end and term[t_end - 1]:
+                assert float(data.discount[offset + t]) == 0.0  # the episode ended inside this chunk: no bootstrap
+            else:
+                assert float(data.discount[offset + t]) == pytest.approx(0.9**k)
+        assert bool(term[t_end - 1]) == bool(st.meta[e]["success"]) == (st is demos)
+    n = demos.n_steps + failures.n_steps
+    assert data.obs.shape == (n, policy.cfg.n_obs_steps * 14)
+    assert data.act.shape == (n, n_act * 7) and float(data.act[: demos.n_steps].abs().max()) <= 1.0 + 1e-5
+    assert list(data.offline_ids) == list(range(demos.n_steps)) and len(data.online_ids) == failures.n_steps
+    assert len(data.start_ids) == 18
+    ids = data.sample(np.random.default_rng(0), 100, 0.5)  # RLPD: half offline, half online
+    assert (ids < demos.n_steps).sum() == 50
+
+
+@pytest.mark.parametrize("q_loss", ["mse", "hlgauss"])
+def test_iql_critic_values_successful_starts_above_failures(stores, q_loss, tmp_path):
+    torch.manual_seed(0)
+    policy = make_teacher([EpisodeStore(stores[0])], KEYS, dict(SMALL))
+    data = ChunkData(stores, policy, gamma=0.95)
+    cfg = FinetuneConfig(critic={"q_loss": q_loss, "hidden": 128}, batch_size=128, critic_lr=1e-3)
+    learner = Learner(policy, Learner.new_critic(policy, data, cfg), cfg)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        learner.critic_step(data, rng.integers(0, data.n, 128))
+    with torch.no_grad():
+        v = learner.critic.value(data.obs[data.start_ids]).numpy()
+        q_data = learner.critic.q(data.obs, data.act).numpy()
+    ok = np.r_[np.ones(12, bool), np.zeros(6, bool)]  # episodes in store order: 12 successes, then 6 failures
+    assert v[ok].mean() > v[~ok].mean() + 0.3, (v[ok], v[~ok])
+    last = np.r_[data.start_ids[1:], data.n] - 1
+    assert q_data[last[ok]].mean() > 0.7 and abs(q_data[last[~ok]].mean()) < 0.3  # r = 1 at success, 0 else
+    learner.critic.save(tmp_path / "critic")
+    again = ChunkCritic.load(tmp_path / "critic")
+    assert torch.allclose(again.value(data.obs[:8]), learner.critic.value(data.obs[:8]))
+
+
+def test_offline_update_is_kept_only_when_the_estimate_improves(stores, weak_teacher, tmp_path):
+    base = dict(critic_steps=200, policy_steps=40, gate_every=20, batch_size=64, ope_windows=18, redistill_steps=20,
+                eval_episodes=0)
+    rejected = finetune_offline(weak_teacher, stores, tmp_path / "no", FinetuneConfig(gate_threshold=1e9, **base),
+                                progress=False)
+    assert not rejected["kept"] and not (tmp_path / "no" / "policy").exists()
+    assert len(rejected["ope_trace"]) == 3 and (tmp_path / "no" / "critic" / "critic.safetensors").exists()
+    kept = finetune_offline(weak_teacher, stores, tmp_path / "yes",
+                            FinetuneConfig(gate_threshold=-1e9, **base), progress=False)
+    assert kept["kept"] and kept["ope_best"] == max(v for _, v in kept["ope_trace"][1:])  # the best candidate
+    improved, student = load_policy(tmp_path / "yes" / "policy"), load_policy(tmp_path / "yes" / "student")
+    assert improved.kind == "diffusion" and student.kind == "consistency"  # the kept teacher was re-distilled
+    assert improved.checkpoint_config["finetuned_from"] == str(weak_teacher)
+    start = load_policy(weak_teacher)
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), improved.state_dict().values()))
+
+
+def test_online_rounds_record_every_episode_and_resume_after_a_stop(stores, weak_teacher, tmp_path):
+    cfg = dict(critic_steps=50, episodes_per_round=2, eval_episodes=0, batch_size=64, utd=0.1, sampler="ddim5")
+    make = lambda: make_env("reach")  # noqa: E731
+    first = finetune_online(weak_teacher, "reach", make, stores, tmp_path, FinetuneConfig(rounds=1, **cfg),
+                            progress=False)
+    assert first["history"]["rounds"] == [0]
+    assert EpisodeStore(tmp_path / "online.zarr").n_episodes == 2
+    second = finetune_online(weak_teacher, "reach", make, stores, tmp_path, FinetuneConfig(rounds=3, **cfg),
+                             progress=False)
+    assert second["history"]["rounds"] == [0, 1, 2]  # resumed at round 1, not restarted
+    online = EpisodeStore(tmp_path / "online.zarr")
+    assert online.n_episodes == 6 and {m["source"] for m in online.meta} == {"policy"}
+    assert second["env_steps"] == online.n_steps
+    assert (tmp_path / "curves.png").stat().st_size > 0 and any((tmp_path / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "report.json").read_text())["mode"] == "online"
+
+
+def test_actor_runs_the_chunk_the_critic_values_most(stores, weak_teacher):
+    """select_n: candidates come from the policy; the critic only ranks them. A critic that values
+    +x motion picks the candidate with the most +x motion in its executed steps."""
+    policy = load_policy(weak_teacher)
+    cfg = policy.cfg
+    critic = ChunkCritic(CriticConfig(obs_dim=cfg.n_obs_steps * 14, act_dim=cfg.n_action_steps * 7))
+    x_of = torch.zeros(cfg.n_action_steps * 7)
+    x_of[0::7] = 1.0  # normalised x of each executed step
+    critic.q = lambda obs, act, target=False: act @ x_of  # noqa: E731  (the ranking under test, not a learned one)
+    env = make_env("reach")
+    obs, _ = env.reset(seed=100_000)
+    picks, plain = [], []
+    for n, out in ((16, picks), (1, plain)):
+        agent = ExploringAgent(policy, "ddim5", "cpu", std=0.0, critic=critic, select_n=n)
+        for seed in range(6):
+            agent.reset(np.random.default_rng(seed))
+            agent.obs.append((0, {k: obs[k] for k in agent.keys}))
+            first = cfg.n_obs_steps - 1
+            out.append(agent.plan()[first:first + cfg.n_action_steps, 0].sum())
+    env.close()
+    assert np.mean(picks) > np.mean(plain), (picks, plain)
+
+
+def test_ddpg_bc_moves_the_one_step_student_towards_higher_q(stores, weak_teacher, tmp_path):
+    from robot_rl.learning.train import distill
+
+    loop = LoopConfig(steps=20, batch_size=64, lr=3e-4, warmup_steps=5, eval_episodes=0, ckpt_every=0, log_every=10)
+    student, _ = distill(weak_teacher, tmp_path / "student", loop, skip=20, progress=False)
+    data = ChunkData(stores, student, gamma=0.95)
+    cfg = FinetuneConfig(extraction="ddpg_bc", q_weight=10.0, policy_lr=1e-3, batch_size=64)
+    learner = Learner(student, Learner.new_critic(student, data, cfg), cfg)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        learner.critic_step(data, rng.integers(0, data.n, 64))
+    ids = data.start_ids
+    torch.manual_seed(1)
+    q0 = float(learner.critic.q(data.obs[ids], learner.one_step_actions(data.batch(ids))).mean())
+    for _ in range(30):
+        learner.policy_step(data, rng.integers(0, data.n, 64))
+    torch.manual_seed(1)
+    q1 = float(learner.critic.q(data.obs[ids], learner.one_step_actions(data.batch(ids))).mean())
+    assert q1 > q0 + 0.02, (q0, q1)
+    with pytest.raises(ValueError, match="one-step"):
+        Learner(load_policy(weak_teacher), learner.critic, cfg)
+
+
+def test_finetune_command(stores, weak_teacher, tmp_path):
+    common = [f"ckpt={weak_teacher}", f"store={stores[0]}", "progress=false", "sampler=ddim5",
+              "finetune.critic_steps=50", "finetune.batch_size=32", "finetune.eval_episodes=4"]
+    out = run_cli(*common, "mode=offline", "finetune.policy_steps=10", "finetune.redistill_steps=5",
+                  f"finetune.out={tmp_path / 'off'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "offline update" in out.stdout and "before" in out.stdout
+    out = run_cli(*common, "finetune.rounds=1", "finetune.episodes_per_round=2", "finetune.utd=0.1",
+                  f"finetune.out={tmp_path / 'on'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "on" / "curves.png").exists() and (tmp_path / "on" / "policy" / "config.json").exists()
+    bad = run_cli(*common, "mode=sideways")
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "online or offline" in bad.stderr
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "robot_rl.cli", "finetune", *args], capture_output=True, text=True,
+                          timeout=600)
