@@ -61,12 +61,8 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", verify: bo
     if verify and cfg.get("weights_sha256") and hashlib.sha256(weights.read_bytes()).hexdigest() != cfg["weights_sha256"]:
         raise CheckpointError(f"checkpoint {path}: model.safetensors does not match the sha256 in config.json")
     pcfg = PolicyConfig.from_dict(cfg["policy"])
-    norm = Normalizer({k: 1 for k in cfg["normalizer_keys"]})
     state = load_file(str(weights))
-    for k in cfg["normalizer_keys"]:  # normaliser buffers carry their real sizes
-        name = k.replace(".", "__")
-        norm._add(k, state[f"normalizer.{name}_scale"], state[f"normalizer.{name}_offset"])
-    policy = KINDS[kind](pcfg, norm)
+    policy = KINDS[kind](pcfg, Normalizer.from_state_dict(state, cfg["normalizer_keys"]))
     missing, unexpected = policy.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.startswith("alphas_cumprod")]
     if missing or unexpected:

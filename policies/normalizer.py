@@ -42,6 +42,14 @@ class Normalizer(nn.Module):
             n._add(k, torch.as_tensor(scale), torch.as_tensor(offset))
         return n
 
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], keys, prefix: str = "normalizer.") -> Normalizer:
+        """The normaliser saved inside a model's weights (buffers carry their real sizes)."""
+        n = cls()
+        for k in keys:
+            n._add(k, state[f"{prefix}{_name(k)}_scale"], state[f"{prefix}{_name(k)}_offset"])
+        return n
+
     def _params(self, key: str):
         return getattr(self, f"{_name(key)}_scale"), getattr(self, f"{_name(key)}_offset")
 

@@ -60,11 +60,13 @@ def env_factory(task_name: str, setup: dict, spec_subset: dict | None = None):
 def cmd_train(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
     from robot_rl.learning.train import train_diffusion
 
-    if cfg.policy != "diffusion":
-        raise LearnError(f"robot-rl train trains policy=diffusion (got policy={cfg.policy}); "
-                         "distil it afterwards with robot-rl distill teacher=<ckpt>")
+    if cfg.policy not in ("diffusion", "reward_classifier"):
+        raise LearnError(f"robot-rl train trains policy=diffusion or policy=reward_classifier (got policy={cfg.policy}); "
+                         "distil a diffusion teacher afterwards with robot-rl distill teacher=<ckpt>")
     stores = _stores(cfg, positional)
     _ensure_prepared(stores, console)
+    if cfg.policy == "reward_classifier":
+        return _train_reward_classifier(cfg, stores, console)
     name, setup = task_setup(cfg)
     keys = list(cfg.train.obs_keys) if cfg.train.obs_keys else None
     pcfg = OmegaConf.to_container(cfg.net, resolve=True)
@@ -82,6 +84,24 @@ def cmd_train(cfg: DictConfig, positional: str | None, console, task_setup) -> i
                                    progress=cfg.progress, resume=bool(cfg.train.resume))
     ok = f", success {100 * hist.success[-1]:.0f}% (ddim10, {cfg.train.eval_episodes} episodes)" if hist.success else ""
     console.print(f"teacher -> {cfg.train.out} (final loss {hist.loss[-1]:.4f}{ok}); curves: {cfg.train.out}/curves.png")
+    return 0
+
+
+def _train_reward_classifier(cfg: DictConfig, stores: list[str], console) -> int:
+    """A success detector from the stores' episode labels (cameras + proprioception by default)."""
+    from robot_rl.learning.reward import train_reward_classifier
+    from robot_rl.learning.train import default_obs_keys
+    from robot_rl.store import EpisodeStore
+
+    spec = EpisodeStore(stores[0]).spec
+    keys = list(cfg.train.obs_keys) if cfg.train.obs_keys else default_obs_keys(spec, bool(spec.image_keys))
+    _, report = train_reward_classifier(stores, cfg.train.out, keys, steps=int(cfg.train.steps),
+                                        batch_size=int(cfg.train.batch_size), lr=float(cfg.train.lr), seed=int(cfg.seed),
+                                        device=str(cfg.device), progress=bool(cfg.progress))
+    v = report["val"]
+    console.print(f"reward classifier -> {cfg.train.out} on {keys}: held-out accuracy {100 * v['accuracy']:.1f}%, "
+                  f"precision {100 * v['precision']:.1f}%, recall {100 * v['recall']:.1f}% "
+                  f"({v['positives']} positive / {v['negatives']} negative steps)")
     return 0
 
 
@@ -172,9 +192,10 @@ def finetune_config(cfg: DictConfig):
     from robot_rl.learning.finetune import FinetuneConfig
 
     f = cfg.finetune
-    keys = ("reward", "gamma", "beta", "max_weight", "batch_size", "critic_lr", "policy_lr", "critic_steps", "policy_steps",
-            "gate_threshold", "redistill_steps", "rounds", "episodes_per_round", "max_env_steps", "explore_std", "utd",
-            "policy_every", "demo_ratio", "warm_start", "eval_episodes", "eval_every")
+    keys = ("reward", "gamma", "extraction", "beta", "max_weight", "q_weight", "batch_size", "critic_lr", "policy_lr",
+            "critic_steps", "policy_steps", "gate_every", "gate_threshold", "redistill_steps", "rounds",
+            "episodes_per_round", "max_env_steps", "explore_std", "select_n", "utd", "policy_every", "demo_ratio",
+            "warm_start", "eval_episodes", "eval_every", "reward_classifier")
     try:
         return FinetuneConfig(**{k: f[k] for k in keys}, critic={"q_loss": str(f.q_loss)}, seed=int(cfg.seed),
                               device=str(cfg.device), eval_seed=int(cfg.train.eval_seed),

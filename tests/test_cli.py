@@ -83,6 +83,11 @@ def test_readme_commands_run(tmp_path):
             args += ["video=false", f"out={tmp_path}", "progress=false"]
         if args[0] in ("train", "distill"):  # tiny sizes: the learning itself is tested in test_policies
             args += ["train.batch_size=16", "net.down_dims=[16,32,64]", "train.eval_episodes=0", "progress=false"]
+        if args[0] == "finetune":  # tiny budgets: the loops themselves are tested in test_finetune
+            args = [a for a in args if not a.startswith("finetune.rounds=")]
+            args += ["finetune.critic_steps=20", "finetune.policy_steps=4", "finetune.gate_every=2",
+                     "finetune.redistill_steps=2", "finetune.eval_episodes=2", "finetune.rounds=1",
+                     "finetune.episodes_per_round=1", "finetune.utd=0.05", "finetune.batch_size=16", "progress=false"]
         if args[0] == "replay":
             args += ["video=false", f"out={tmp_path / 'replay'}"]
         ros = None

@@ -215,3 +215,42 @@ def run_cli(*args):
 
     return subprocess.run([sys.executable, "-m", "robot_rl.cli", "finetune", *args], capture_output=True, text=True,
                           timeout=600)
+
+
+def test_step_labels_leave_the_frames_before_success_out():
+    from robot_rl.policies.reward import step_labels
+
+    lab = step_labels(np.array([8, 5]), np.array([True, False]), positive_steps=2, margin_steps=3)
+    assert lab.tolist() == [0, 0, 0, -1, -1, -1, 1, 1] + [0] * 5
+
+
+def test_reward_classifier_learns_success_from_episode_labels(stores, tmp_path):
+    """HIL-SERL's reward: a success detector trained only from the episodes' success labels, then
+    turned into per-step rewards that agree with the task's own success reward."""
+    from robot_rl.policies.reward import RewardClassifier
+
+    from robot_rl.learning.reward import classifier_rewards, train_reward_classifier
+
+    env = make_env("reach")  # more labelled successes than the shared store holds
+    rec = EpisodeRecorder(tmp_path / "demos.zarr", env.robot_spec, "reach")
+    run_episodes(env, make_expert(env), 40, 1000, "reach", "scripted", progress=False, recorder=rec)
+    rec.close()
+    env.close()
+    prepare(tmp_path / "demos.zarr")
+    stores = [str(tmp_path / "demos.zarr"), stores[1]]
+    _, report = train_reward_classifier(stores, tmp_path / "clf", KEYS, steps=800, batch_size=64, lr=1e-3, progress=False,
+                                        positive_steps=2, margin_steps=1)
+    assert report["train"]["accuracy"] > 0.9 and report["train"]["recall"] > 0.8, report
+    clf = RewardClassifier.load(tmp_path / "clf")
+    r = classifier_rewards(clf, stores)
+    demos = EpisodeStore(stores[0])
+    task = np.r_[demos.load("reward"), EpisodeStore(stores[1]).load("reward")]
+    assert r[demos.n_steps:].mean() < 0.1  # the random failures rarely look like success
+    hits = [r[max(int(demos.starts[e]), int(demos.ends[e]) - 2):int(demos.ends[e])].max() for e in range(demos.n_episodes)]
+    assert np.mean(hits) >= 0.7, hits  # the steps that reached the goal are rewarded (12 demos, some held out)
+    early = np.concatenate([np.arange(int(demos.starts[e]), int(demos.ends[e]) - 5) for e in range(demos.n_episodes)])
+    assert r[early].mean() < 0.1 and task[early].sum() == 0  # far from the goal: no reward
+    data = ChunkData(stores, clf_policy := make_teacher([demos], KEYS, dict(SMALL)), 0.9, "classifier", classifier=clf)
+    assert data.ret.shape[0] == demos.n_steps + EpisodeStore(stores[1]).n_steps and clf_policy.kind == "diffusion"
+    with pytest.raises(ValueError, match="reward classifier"):
+        RewardClassifier.load(tmp_path)

@@ -34,8 +34,9 @@ budgets (150 k steps, three seeds, lift and peg_insert) have not been run.
   learner re-reads the stores (demonstrations / interventions and online data mixed `demo_ratio`
   : 1 − `demo_ratio`, RLPD's 50/50 by default), updates critics and policy, checkpoints, and the
   actor swaps the new weights in. WSRL-style warm start (`warm_start`): offline data only
-  pre-trains the critics; online updates use online data only. Rewards: the task's, or RLIF's
-  intervention reward (`reward=rlif`). Resumes from the last round's checkpoint and the store.
+  pre-trains the critics; online updates use online data only. Rewards: the task's, RLIF's
+  intervention reward (`reward=rlif`), or a learned success classifier's (`reward=classifier`,
+  HIL-SERL; `robot_rl.learning.reward`). Resumes from the last round's checkpoint and the store.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ from robot_rl.store.sampler import WindowConfig, WindowDataset
 @dataclass
 class FinetuneConfig:
     gamma: float = 0.99
-    reward: str = "task"  # task | rlif
+    reward: str = "task"  # task | rlif | classifier
+    reward_classifier: str | None = None  # reward=classifier: the folder from robot-rl train policy=reward_classifier
     critic: dict = field(default_factory=dict)  # CriticConfig overrides (q_loss: hlgauss, hidden, expectile, …)
     extraction: str = "awr"  # awr | ddpg_bc (one-step students only; experimental, see the module docstring)
     beta: float = 10.0  # AWR temperature on the raw advantage (0: uniform weights, plain BC on the mixed data)
@@ -95,8 +97,10 @@ class FinetuneConfig:
     eval_every: int = 0  # rounds; 0 = only before and after
 
     def __post_init__(self) -> None:
-        if self.reward not in ("task", "rlif"):
-            raise ValueError(f"finetune reward '{self.reward}' is not task or rlif")
+        if self.reward not in ("task", "rlif", "classifier"):
+            raise ValueError(f"finetune reward '{self.reward}' is not task, rlif or classifier")
+        if self.reward == "classifier" and not self.reward_classifier:
+            raise ValueError("reward=classifier needs reward_classifier=<folder> (robot-rl train policy=reward_classifier)")
         if self.extraction not in ("awr", "ddpg_bc"):
             raise ValueError(f"finetune extraction '{self.extraction}' is not awr or ddpg_bc")
         if not 0.0 <= self.demo_ratio <= 1.0:
@@ -109,7 +113,7 @@ class ChunkData:
     policy's normaliser. `batch(ids)` gives the policy's training windows, the rest the critic's."""
 
     def __init__(self, stores: list[str | Path], policy: DiffusionPolicy, gamma: float, reward: str = "task",
-                 device: torch.device | str = "cpu", online: list[str | Path] = ()):
+                 device: torch.device | str = "cpu", online: list[str | Path] = (), classifier=None):
         cfg = policy.cfg
         if cfg.image_keys:
             raise StoreError(f"finetune: the policy reads cameras {list(cfg.image_keys)}; RL fine-tuning supports "
@@ -122,7 +126,13 @@ class ChunkData:
         ids = np.arange(len(ds))
         w = ds[ids]
         pos, n = ds.t - ds.start, ds.end - ds.start
-        rewards, term = ds.step_rewards(reward), ds.step_values("terminated").astype(bool)
+        if reward == "classifier":  # a learned success detector labels each step (HIL-SERL)
+            from robot_rl.learning.reward import classifier_rewards
+
+            rewards = classifier_rewards(classifier, [*stores, *online], device)
+        else:
+            rewards = ds.step_rewards(reward)
+        term = ds.step_values("terminated").astype(bool)
         k_exec = cfg.n_action_steps
         ret = np.zeros(len(ds), np.float32)
         for i in range(k_exec):
@@ -157,6 +167,14 @@ class ChunkData:
             return rng.integers(0, self.n, size)
         k = int(round(size * demo_ratio))
         return np.concatenate([rng.choice(self.offline_ids, k), rng.choice(self.online_ids, size - k)])
+
+
+def reward_classifier(cfg: FinetuneConfig, device):
+    if cfg.reward != "classifier":
+        return None
+    from robot_rl.policies.reward import RewardClassifier
+
+    return RewardClassifier.load(cfg.reward_classifier, device)
 
 
 def awr_weights(adv: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
@@ -268,7 +286,7 @@ def finetune_offline(ckpt: str | Path, stores: list[str], out: str | Path, cfg: 
     start = load_policy(ckpt, device)
     policy = copy.deepcopy(start)
     sampler = cfg.sampler or default_sampler(policy)
-    data = ChunkData(stores, policy, cfg.gamma, cfg.reward, device)
+    data = ChunkData(stores, policy, cfg.gamma, cfg.reward, device, classifier=reward_classifier(cfg, device))
     learner = Learner(policy, Learner.new_critic(policy, data, cfg), cfg)
     _pretrain_critic(learner, data, cfg.critic_steps, rng, progress)
     gate_ids = data.start_ids[rng.permutation(len(data.start_ids))[: cfg.ope_windows]]
@@ -382,11 +400,12 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
     else:
         policy, critic, hist, first_round, env_steps = copy.deepcopy(start), None, OnlineHistory(), 0, 0
         before = _eval(start, make_env, task, cfg, sampler, device) if cfg.eval_episodes else None
+    clf = reward_classifier(cfg, device)
     torch.manual_seed(cfg.seed + first_round)
     rng = np.random.default_rng([cfg.seed, first_round])
     offline = [str(s) for s in stores]
     if critic is None:
-        critic_data = ChunkData(offline, policy, cfg.gamma, cfg.reward, device) if offline else None
+        critic_data = ChunkData(offline, policy, cfg.gamma, cfg.reward, device, classifier=clf) if offline else None
         critic = Learner.new_critic(policy, critic_data, cfg) if critic_data else None
     learner = Learner(policy, critic, cfg) if critic is not None else None
     if learner is not None and not resumed:
@@ -405,7 +424,7 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
             finally:
                 rec.close()
             env_steps += s.steps
-            data = ChunkData([] if cfg.warm_start else offline, policy, cfg.gamma, cfg.reward, device, [online_store])
+            data = ChunkData([] if cfg.warm_start else offline, policy, cfg.gamma, cfg.reward, device, [online_store], clf)
             if learner is None:
                 learner = Learner(policy, Learner.new_critic(policy, data, cfg), cfg)
             n_updates, t0 = max(1, int(cfg.utd * s.steps)), time.perf_counter()

@@ -73,14 +73,19 @@ def train_seed_range(stores: list[EpisodeStore]) -> list[int] | None:
     return [min(seeds), max(seeds)] if seeds else None
 
 
+def merged_stats(stores: list[EpisodeStore]) -> dict:
+    """Normalisation statistics (min / max per key) over several prepared stores."""
+    st = store_stats(stores[0])
+    for other in stores[1:]:
+        o = store_stats(other)
+        st = {k: {"min": np.minimum(st[k]["min"], o[k]["min"]).tolist(),
+                  "max": np.maximum(st[k]["max"], o[k]["max"]).tolist()} for k in st}
+    return st
+
+
 def make_teacher(stores: list[EpisodeStore], keys: list[str], pcfg: dict, cls=DiffusionPolicy) -> DiffusionPolicy:
     spec = stores[0].spec
-    st = store_stats(stores[0])
-    if len(stores) > 1:  # merge min/max over stores
-        for other in stores[1:]:
-            o = store_stats(other)
-            st = {k: {"min": np.minimum(st[k]["min"], o[k]["min"]).tolist(),
-                      "max": np.maximum(st[k]["max"], o[k]["max"]).tolist()} for k in st}
+    st = merged_stats(stores)
     state_keys = tuple(k for k in keys if not k.startswith("image."))
     image_keys = tuple(k for k in keys if k.startswith("image."))
     cfg = PolicyConfig.from_dict({**pcfg, "state_keys": state_keys, "image_keys": image_keys,
