@@ -197,24 +197,28 @@ def test_ddpg_bc_moves_the_one_step_student_towards_higher_q(stores, weak_teache
 def test_finetune_command(stores, weak_teacher, tmp_path):
     common = [f"ckpt={weak_teacher}", f"store={stores[0]}", "progress=false", "sampler=ddim5",
               "finetune.critic_steps=50", "finetune.batch_size=32", "finetune.eval_episodes=4"]
-    out = run_cli(*common, "mode=offline", "finetune.policy_steps=10", "finetune.redistill_steps=5",
+    out = run_cli("finetune", *common, "mode=offline", "finetune.policy_steps=10", "finetune.redistill_steps=5",
                   f"finetune.out={tmp_path / 'off'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "offline update" in out.stdout and "before" in out.stdout
-    out = run_cli(*common, "finetune.rounds=1", "finetune.episodes_per_round=2", "finetune.utd=0.1",
+    out = run_cli("finetune", *common, "finetune.rounds=1", "finetune.episodes_per_round=2", "finetune.utd=0.1",
                   f"finetune.out={tmp_path / 'on'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "on" / "curves.png").exists() and (tmp_path / "on" / "policy" / "config.json").exists()
-    bad = run_cli(*common, "mode=sideways")
+    bad = run_cli("finetune", *common, "mode=sideways")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "online or offline" in bad.stderr
+    clf = run_cli("train", "policy=reward_classifier", f"store=[{stores[0]},{stores[1]}]", "train.steps=20",
+                  f"train.obs_keys=[{','.join(KEYS)}]", f"train.out={tmp_path / 'clf'}", "progress=false")
+    assert clf.returncode == 0 and "held-out accuracy" in clf.stdout, clf.stderr[-2000:]
+    only_successes = run_cli("train", "policy=reward_classifier", f"store={stores[0]}", f"train.out={tmp_path / 'x'}")
+    assert only_successes.returncode != 0 and "failed episodes" in only_successes.stderr
 
 
 def run_cli(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "robot_rl.cli", "finetune", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_step_labels_leave_the_frames_before_success_out():
