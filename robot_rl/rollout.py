@@ -97,6 +97,8 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
         for ep in range(episodes):
             ep_seed = seed + ep
             obs, info = env.reset(seed=ep_seed)
+            if hasattr(policy, "begin"):  # a policy that needs the episode's seed (the scripted operator's path)
+                policy.begin(ep_seed)
             policy.reset(policy_rng(ep_seed))
             record = video_path is not None and ep == 0
             if record:
@@ -109,7 +111,8 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
                 stamp = sim_time(env)
                 next_obs, reward, terminated, truncated, info = env.step(action)
                 if recorder is not None:
-                    recorder.step(obs, action, stamp, reward, terminated, truncated)
+                    recorder.step(obs, action, stamp, reward, terminated, truncated,
+                                  intervention=bool(getattr(policy, "intervening", False)))
                 obs = next_obs
                 length += 1
                 if record:
@@ -150,8 +153,9 @@ class EpisodeRecorder:
     def begin(self, env, seed: int) -> None:
         self.writer.begin_episode(self.source, task=self.task, seed=seed)
 
-    def step(self, obs, action, stamp, reward, terminated, truncated) -> None:
-        self.writer.add_step(obs, action, timestamp=stamp, reward=reward, terminated=terminated, truncated=truncated)
+    def step(self, obs, action, stamp, reward, terminated, truncated, intervention: bool = False) -> None:
+        self.writer.add_step(obs, action, timestamp=stamp, reward=reward, terminated=terminated, truncated=truncated,
+                             intervention=intervention)
 
     def end(self, success: bool, info: dict) -> None:
         extra = {"solution": info["solution"]} if info.get("solution") else {}

@@ -258,3 +258,22 @@ def test_reward_classifier_learns_success_from_episode_labels(stores, tmp_path):
     assert data.ret.shape[0] == demos.n_steps + EpisodeStore(stores[1]).n_steps and clf_policy.kind == "diffusion"
     with pytest.raises(ValueError, match="reward classifier"):
         RewardClassifier.load(tmp_path)
+
+
+def test_a_scripted_operator_intervenes_and_its_steps_are_flagged_and_learned_from(stores, weak_teacher, tmp_path):
+    """operator=scripted: the operator takes over when the weak policy strays from the expert's path;
+    those steps are recorded as interventions, count as demonstration data, and give RLIF rewards."""
+    cfg = FinetuneConfig(rounds=1, episodes_per_round=4, critic_steps=20, batch_size=32, utd=0.1, eval_episodes=0,
+                         sampler="ddim5", operator="scripted", reward="rlif")
+    rep = finetune_online(weak_teacher, "reach", lambda: make_env("reach"), stores[:1], tmp_path, cfg, progress=False)
+    online = EpisodeStore(tmp_path / "online.zarr")
+    flags = online.load("intervention")
+    takeovers = rep["history"]["interventions"][0] * 4
+    assert takeovers >= 1 and flags.any() and not flags.all(), (takeovers, flags.mean())
+    assert online.meta[0]["source"] == "policy"
+    policy = load_policy(weak_teacher)
+    data = ChunkData(stores[:1], policy, 0.9, "rlif", online=[tmp_path / "online.zarr"])
+    n_demo = EpisodeStore(stores[0]).n_steps
+    human = n_demo + np.flatnonzero(flags)
+    assert set(human) <= set(data.offline_ids) and not set(human) & set(data.online_ids)  # HIL-SERL routing
+    assert float(data.ret[n_demo:].min()) < 0  # RLIF: −1 before a takeover

@@ -80,11 +80,15 @@ class ChunkAgent:
         actions = self.policy.normalizer.unnormalize("action", self.policy.sample_normalized(cond, self.sampler, None, noise))
         return actions[0].cpu().numpy()
 
-    def act(self, obs: dict) -> np.ndarray:
-        t0 = time.perf_counter()
+    def observe(self, obs: dict) -> None:
+        """Take in a step's observation without acting (a human drives this step)."""
         self.obs.append((self.t, {k: obs[k] for k in self.keys}))
         self._encode(self.t, obs)
         self.t += 1
+
+    def act(self, obs: dict) -> np.ndarray:
+        t0 = time.perf_counter()
+        self.observe(obs)
         if not self.queue:
             chunk = self.plan()
             if self.device.type == "cuda":

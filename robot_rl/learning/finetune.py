@@ -87,6 +87,7 @@ class FinetuneConfig:
     max_env_steps: int = 150_000
     explore_std: float = 0.1  # Gaussian noise on the executed actions (action units, clipped to the action box)
     select_n: int = 1  # the actor samples this many chunks and runs the one the critic values most
+    operator: str | None = None  # scripted: a scripted operator takes over when the policy strays (InterveningActor)
     utd: float = 1.0  # critic updates per environment step
     policy_every: int = 2  # one policy update per this many critic updates
     demo_ratio: float = 0.5
@@ -99,6 +100,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.reward not in ("task", "rlif", "classifier"):
             raise ValueError(f"finetune reward '{self.reward}' is not task, rlif or classifier")
+        if self.operator not in (None, "scripted"):
+            raise ValueError(f"finetune operator '{self.operator}' is not scripted (or null: no human in sim)")
         if self.reward == "classifier" and not self.reward_classifier:
             raise ValueError("reward=classifier needs reward_classifier=<folder> (robot-rl train policy=reward_classifier)")
         if self.extraction not in ("awr", "ddpg_bc"):
@@ -366,6 +369,46 @@ class ExploringAgent(ChunkAgent):
         return chunk + self.noise_rng.normal(0.0, self.std, chunk.shape) if self.std > 0 else chunk
 
 
+class InterveningActor:
+    """The in-process human in the loop: a scripted operator (drivers.teleop.ScriptedOperator's
+    hysteresis, the rule `HilOperator` applies on the ROS path) watches the policy against the
+    scripted expert's path for the episode's seed; while it drives, the scripted expert acts from
+    the current state and the steps are flagged as interventions (recorded, routed to the
+    demonstration share, RLIF's −1 before each takeover); at hand-back the policy plans afresh."""
+
+    def __init__(self, agent: ChunkAgent, env, task: str):
+        from robot_rl.sim import make_expert
+
+        self.agent, self.env, self.task = agent, env, task
+        self.expert = make_expert(env)
+        self.takeovers, self.intervening = 0, False
+
+    def begin(self, seed: int) -> None:
+        from robot_rl.drivers.teleop import ScriptedOperator
+        from robot_rl.operator import expert_path
+        from robot_rl.rollout import policy_rng
+
+        self.path = [pose[:3] for pose, _ in expert_path(self.task, seed)]
+        self.expert.reset(policy_rng(seed))
+        self.op, self.k, self.intervening = ScriptedOperator(), 0, False
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.agent.reset(rng)
+
+    def act(self, obs: dict) -> np.ndarray:
+        ee = self.env.unwrapped.arm.ee_pose[:3]
+        driving, _ = self.op.decide(ee, self.path[min(self.k, len(self.path) - 1)])
+        self.k += 1
+        self.takeovers += int(driving and not self.intervening)
+        if self.intervening and not driving:
+            self.agent.queue.clear()  # control comes back: the policy plans from here
+        self.intervening = driving
+        if not driving:
+            return self.agent.act(obs)
+        self.agent.observe(obs)
+        return np.asarray(self.expert.act(obs), dtype=np.float32)
+
+
 @dataclass
 class OnlineHistory:
     rounds: list[int] = field(default_factory=list)
@@ -417,9 +460,10 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
             if env_steps >= cfg.max_env_steps:
                 break
             agent = ExploringAgent(policy, sampler, device, cfg.explore_std, learner and learner.critic, cfg.select_n)
+            actor = InterveningActor(agent, env, task) if cfg.operator == "scripted" else agent
             rec = EpisodeRecorder(online_store, env.robot_spec, task, source="policy")
             try:
-                s = run_episodes(env, agent, cfg.episodes_per_round, cfg.train_seed + rnd * cfg.episodes_per_round, task,
+                s = run_episodes(env, actor, cfg.episodes_per_round, cfg.train_seed + rnd * cfg.episodes_per_round, task,
                                  f"round {rnd}", progress=False, recorder=rec)
             finally:
                 rec.close()
@@ -439,12 +483,12 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
             hist.env_steps.append(env_steps)
             hist.success.append(s.success_rate)
             hist.ret.append(_mean_return(online_rewards, s.episodes))
-            hist.interventions.append(0.0)  # the in-process actor has no human; the ROS path records them
+            hist.interventions.append(getattr(actor, "takeovers", 0) / max(1, s.episodes))
             hist.updates_per_s.append(ups)
             if cfg.eval_every and (rnd + 1) % cfg.eval_every == 0 and rnd + 1 < cfg.rounds:
                 hist.eval_env_steps.append(env_steps)
                 hist.eval_success.append(_eval(policy, make_env, task, cfg, sampler, device)["success_rate"])
-            for key in ("success", "ret", "updates_per_s"):
+            for key in ("success", "ret", "interventions", "updates_per_s"):
                 tb.add_scalar(f"online/{key}", getattr(hist, key)[-1], env_steps)
             for key, v in learner.last.items():
                 tb.add_scalar(f"learner/{key}", v, env_steps)
