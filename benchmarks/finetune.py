@@ -5,7 +5,7 @@ behaviour cloning on demonstrations + its own rollouts). Both start from the sam
 evaluated before and after on the same seeds (disjoint from demonstration and training seeds).
 Resumable: the start checkpoint and each arm's run are cached under --out.
 
-    python benchmarks/finetune.py                              # reach, 1 seed (~25 min on 2 cores)
+    python benchmarks/finetune.py                              # reach, 1 seed (~30 min on 2 cores)
     python benchmarks/finetune.py --tasks lift,peg_insert --seeds 0,1,2 --rounds 40 --episodes 100
 """
 # ruff: noqa: I001
