@@ -26,7 +26,8 @@ VERBS: dict[str, dict[str, str]] = {
              "prepare": "policy-resolution images and normalisation statistics: data prepare <store>",
              "preview": "<store> episode=K [out=preview.mp4]: video with action and intervention overlays",
              "export": "<store> record=<dir>: LeRobotDataset v3", "import": "<path> record=<store> data.format=lerobot|rosbag"},
-    "train": {"": "train a diffusion teacher: policy=diffusion task=<task> store=<store> [train.steps=...]"},
+    "train": {"": "train a diffusion teacher: policy=diffusion task=<task> store=<store> [train.steps=...], "
+                  "or a success detector for rewards: policy=reward_classifier store=[<stores>]"},
     "distill": {"": "distil a one-step consistency student: teacher=<ckpt> [distill.steps=...]"},
     "eval": {"": "closed-loop evaluation: ckpt=<ckpt> task=<task> episodes=N sampler=<ddpm100|ddim10|cm1|cm3>"},
     "finetune": {"": "RL fine-tuning: ckpt=<ckpt> [mode=online|offline] [store=<demos>] [finetune.rounds=...]"},

@@ -224,14 +224,18 @@ def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -
     fcfg = finetune_config(cfg)
     stores = _stores(cfg, None) if cfg.store else [str(s) for s in pcfg.get("stores", [])]
     out = Path(cfg.finetune.out)
+    if mode == "offline" and not stores:
+        raise LearnError("offline fine-tuning needs stores with rewards: store=<store> (or a checkpoint that names them)")
+    try:
+        if mode == "offline":
+            report = finetune_offline(ckpt, stores, out, fcfg, progress=cfg.progress, make_env=make, task=name)
+        else:
+            report = finetune_online(ckpt, name, make, stores, out, fcfg, progress=cfg.progress)
+    except ValueError as e:  # a policy the chosen update cannot use (ddpg_bc on a teacher, cameras), bad stores
+        raise LearnError(str(e)) from None
     if mode == "offline":
-        if not stores:
-            raise LearnError("offline fine-tuning needs stores with rewards: store=<store> (or a checkpoint that names them)")
-        report = finetune_offline(ckpt, stores, out, fcfg, progress=cfg.progress, make_env=make, task=name)
         verdict = "kept" if report["kept"] else "rejected (the estimate did not improve by the threshold)"
         console.print(f"offline update {verdict}: E[Q(s0, pi(s0))] {report['ope_before']:.4f} -> {report['ope_best']:.4f}")
-    else:
-        report = finetune_online(ckpt, name, make, stores, out, fcfg, progress=cfg.progress)
     rows = [(k, report["eval"][k]) for k in ("before", "after")] if "eval" in report else \
         [(k, report[k]) for k in ("before", "after") if report.get(k)]
     if rows:

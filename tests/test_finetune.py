@@ -184,11 +184,13 @@ def test_ddpg_bc_moves_the_one_step_student_towards_higher_q(stores, weak_teache
         learner.critic_step(data, rng.integers(0, data.n, 64))
     ids = data.start_ids
     torch.manual_seed(1)
-    q0 = float(learner.critic.q(data.obs[ids], learner.one_step_actions(data.batch(ids))).mean())
+    with torch.no_grad():
+        q0 = float(learner.critic.q(data.obs[ids], learner.one_step_actions(data.batch(ids))).mean())
     for _ in range(30):
         learner.policy_step(data, rng.integers(0, data.n, 64))
     torch.manual_seed(1)
-    q1 = float(learner.critic.q(data.obs[ids], learner.one_step_actions(data.batch(ids))).mean())
+    with torch.no_grad():
+        q1 = float(learner.critic.q(data.obs[ids], learner.one_step_actions(data.batch(ids))).mean())
     assert q1 > q0 + 0.02, (q0, q1)
     with pytest.raises(ValueError, match="one-step"):
         Learner(load_policy(weak_teacher), learner.critic, cfg)
@@ -205,8 +207,9 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
                   f"finetune.out={tmp_path / 'on'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "on" / "curves.png").exists() and (tmp_path / "on" / "policy" / "config.json").exists()
-    bad = run_cli("finetune", *common, "mode=sideways")
-    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "online or offline" in bad.stderr
+    for args, needle in ((["mode=sideways"], "online or offline"), (["finetune.extraction=ddpg_bc"], "one-step")):
+        bad = run_cli("finetune", *common, *args, f"finetune.out={tmp_path / 'bad'}")
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
     clf = run_cli("train", "policy=reward_classifier", f"store=[{stores[0]},{stores[1]}]", "train.steps=20",
                   f"train.obs_keys=[{','.join(KEYS)}]", f"train.out={tmp_path / 'clf'}", "progress=false")
     assert clf.returncode == 0 and "held-out accuracy" in clf.stdout, clf.stderr[-2000:]
