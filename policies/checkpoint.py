@@ -18,6 +18,11 @@ from safetensors.torch import load_file, save_file
 KINDS = {"diffusion": DiffusionPolicy, "consistency": ConsistencyPolicy, "bc": BCPolicy}
 
 
+def default_sampler(kind: str) -> str:
+    """The sampler a policy of this kind runs unless told otherwise."""
+    return {"consistency": "cm1", "bc": "bc"}.get(kind, "ddim10")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: one line naming the folder and the problem."""
 

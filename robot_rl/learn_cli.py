@@ -135,7 +135,7 @@ def cmd_eval(cfg: DictConfig, positional: str | None, console, task_setup) -> in
     from rich.table import Table
 
     from robot_rl.learning.evaluate import evaluate, resolve_device
-    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.policies.checkpoint import default_sampler, load_policy
     from robot_rl.spec import check_compatible
 
     ckpt = cfg.ckpt or positional
@@ -155,7 +155,7 @@ def cmd_eval(cfg: DictConfig, positional: str | None, console, task_setup) -> in
     make = env_factory(name, setup, pcfg["spec_subset"])
     env = make()
     check_compatible(pcfg["spec_subset"], env.robot_spec, hardware=False)
-    default = {"consistency": "cm1", "bc": "bc"}.get(policy.kind, "ddim10")
+    default = default_sampler(policy.kind)
     samplers = cfg.sampler if cfg.sampler is not None else default
     samplers = [str(s) for s in samplers] if isinstance(samplers, (list, ListConfig)) else [str(samplers)]
     out = Path(cfg.out)

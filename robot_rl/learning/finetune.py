@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from robot_rl.learning.evaluate import ChunkAgent, evaluate, resolve_device
-from robot_rl.policies.checkpoint import load_policy, save_policy
+from robot_rl.policies.checkpoint import default_sampler, load_policy, save_policy
 from robot_rl.policies.critic import ChunkCritic, CriticConfig
 from robot_rl.policies.diffusion import DiffusionPolicy
 from robot_rl.store import EpisodeStore, StoreError
@@ -243,10 +243,6 @@ class Learner:
         return chunk[:, first:first + cfg.n_action_steps].flatten(1)
 
 
-def default_sampler(policy: DiffusionPolicy) -> str:
-    return {"consistency": "cm1", "bc": "bc"}.get(policy.kind, "ddim10")
-
-
 @torch.no_grad()
 def ope_estimate(policy: DiffusionPolicy, critic: ChunkCritic, data: ChunkData, ids: np.ndarray, sampler: str,
                  seed: int = 0) -> float:
@@ -288,7 +284,7 @@ def finetune_offline(ckpt: str | Path, stores: list[str], out: str | Path, cfg: 
     rng = np.random.default_rng(cfg.seed)
     start = load_policy(ckpt, device)
     policy = copy.deepcopy(start)
-    sampler = cfg.sampler or default_sampler(policy)
+    sampler = cfg.sampler or default_sampler(policy.kind)
     data = ChunkData(stores, policy, cfg.gamma, cfg.reward, device, classifier=reward_classifier(cfg, device))
     learner = Learner(policy, Learner.new_critic(policy, data, cfg), cfg)
     _pretrain_critic(learner, data, cfg.critic_steps, rng, progress)
@@ -431,7 +427,7 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
     device = resolve_device(cfg.device)
     online_store, last, state_file = out / "online.zarr", out / "last", out / "state.json"
     start = load_policy(ckpt, device)
-    sampler = cfg.sampler or default_sampler(start)
+    sampler = cfg.sampler or default_sampler(start.kind)
     resumed = state_file.exists()
     if resumed:  # a crash or a stop: weights and critics of the last finished round, data from the store
         state = json.loads(state_file.read_text())

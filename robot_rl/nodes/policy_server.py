@@ -74,7 +74,7 @@ def build(cfg, _rt_note, stop):
 
     from robot_rl.geometry import action_to_delta, rot_to_quat
     from robot_rl.learning.evaluate import ChunkAgent
-    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.policies.checkpoint import default_sampler, load_policy
     from robot_rl.rollout import policy_rng
     from robot_rl.spec import ActionSpec, SpecError, check_compatible
 
@@ -131,8 +131,7 @@ def build(cfg, _rt_note, stop):
             "streams": observation_streams(s["policy"].cfg, cfg), "active": life.active.is_set(), **extra})))
 
     def sampler() -> str:
-        return p["sampler"] if p["sampler"] not in ("", "auto") else {"consistency": "cm1", "bc": "bc"}.get(
-            s["policy"].kind, "ddim10")
+        return p["sampler"] if p["sampler"] not in ("", "auto") else default_sampler(s["policy"].kind)
 
     def on_episode(m) -> None:
         if (state := json_state(m)) is None or "state" not in state:
