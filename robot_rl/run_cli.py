@@ -278,8 +278,10 @@ def run(cfg: DictConfig, console) -> int:
                 if clock["t"] != seen["t"]:
                     seen.update(t=clock["t"], wall=time.monotonic())
                 elif time.monotonic() - seen["wall"] > STALL_S:
-                    raise RunError(f"the sim clock stopped at {clock['t']:.2f} s for {STALL_S:.0f} s (a stalled node?); "
-                                   f"see {out / 'run_launch.log'}")
+                    server = diagnostics.get("policy_server", {})
+                    waits = ", ".join(f"{k} {v}" for k, v in server.items() if k.startswith(("waiting_for", "newest.")))
+                    raise RunError(f"the sim clock stopped at {clock['t']:.2f} s for {STALL_S:.0f} s (a stalled node?"
+                                   f"{'; the policy server waits: ' + waits if waits else ''}); see {out / 'run_launch.log'}")
                 return bool(state.get("success") or state.get("failed") or clock["t"] >= t_end)
 
             g.spin_until(over, max(600.0, 20 * max_steps * dt), f"episode {k}")

@@ -236,12 +236,11 @@ def build(cfg, _rt_note, stop):
                     # hardware, a (re)started server joining a running episode, or a stream that stalled
                     # for longer than the history: go on from the newest complete observation
                     ep["t_next"] = min(newest) if len(newest) == len(bufs) else None
-                    if ep["t_next"] is None:
-                        lock.wait(0.04)
-                        continue
                 t = ep["t_next"]
-                obs = ob.at(t)
-                if obs is None:
+                obs = None if t is None else ob.at(t)
+                if obs is None:  # say what it waits for: the step time and each stream's newest stamp (-1: none yet)
+                    report(waiting_for=-1.0 if t is None else t,
+                           **{f"newest.{k}": b[-1][0] if b else -1.0 for k, b in bufs.items()})
                     lock.wait(0.04)
                     continue
                 ep["t_next"] = round(t + dt, 9)
@@ -258,11 +257,14 @@ def build(cfg, _rt_note, stop):
                                          for k, (dp, dr, g) in enumerate(deltas)])
                 chunk_pub.publish(msg)
                 meter.tick()
-            lat = np.asarray(agent.latencies_ms[-1000:] or [0.0])
-            diag.maybe_publish({"chunks_per_s": meter.rate(), "sampler": sampler(), "device": device,
-                                "version": s["version"], "inference_p50_ms": float(np.median(lat)),
-                                "inference_p99_ms": float(np.percentile(lat, 99)), "episode": ep["episode"]})
+            report()
             time.sleep(0)
+
+    def report(**waiting) -> None:
+        lat = np.asarray(s["agent"].latencies_ms[-1000:] or [0.0])
+        diag.maybe_publish({"chunks_per_s": meter.rate(), "sampler": sampler(), "device": device,
+                            "version": s["version"], "inference_p50_ms": float(np.median(lat)),
+                            "inference_p99_ms": float(np.percentile(lat, 99)), "episode": ep["episode"], **waiting})
 
     return node, loop
 
