@@ -216,6 +216,8 @@ def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -
     mode = cfg.mode or "online"
     if mode not in ("online", "offline"):
         raise LearnError(f"finetune mode '{mode}' is not online or offline")
+    if cfg.finetune.actor not in ("sim", "ros"):
+        raise LearnError(f"finetune actor '{cfg.finetune.actor}' is not sim or ros")
     pcfg = read_config(ckpt)
     name, setup = task_setup(cfg)
     if pcfg.get("task") and pcfg["task"] != name:  # the task the checkpoint was trained on
@@ -230,7 +232,13 @@ def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -
         if mode == "offline":
             report = finetune_offline(ckpt, stores, out, fcfg, progress=cfg.progress, make_env=make, task=name)
         else:
-            report = finetune_online(ckpt, name, make, stores, out, fcfg, progress=cfg.progress)
+            actor = None
+            if cfg.finetune.actor == "ros":
+                from robot_rl.learning.ros_actor import RosActor
+
+                def actor(path, store, sampler, first_round):
+                    return RosActor(cfg, name, path, store, fcfg, sampler, first_round, out, console)
+            report = finetune_online(ckpt, name, make, stores, out, fcfg, progress=cfg.progress, actor=actor)
     except ValueError as e:  # a policy the chosen update cannot use (ddpg_bc on a teacher, cameras), bad stores
         raise LearnError(str(e)) from None
     if mode == "offline":

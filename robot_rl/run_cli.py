@@ -208,15 +208,70 @@ class HilSession:
             self.fifo.unlink()
 
 
+class EpisodeRunner:
+    """Sim episodes through the graph's episode manager, one after another: reset, start, run until
+    success, failure or the task's step budget (sim time), stop; with `hil`, the person (or scripted
+    operator) beside it acts and each episode is stored before the next. Episode k has seed `seed + k`
+    (the sim's launch seed)."""
+
+    def __init__(self, g: Graph, task: str, max_steps: int, dt: float, seed: int, hil: HilSession | None = None):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rosgraph_msgs.msg import Clock
+        from std_msgs.msg import String
+
+        from robot_rl.nodes.common import qos, stamp_to_sec
+
+        self.g, self.task, self.max_steps, self.dt, self.seed, self.hil = g, task, max_steps, dt, seed, hil
+        self.state: dict = {}
+        self.clock = {"t": 0.0}
+        self.diagnostics: dict[str, dict[str, str]] = {}  # the newest values per node
+        self.results: list[dict] = []
+        g.node.create_subscription(String, "episode/state", lambda m: self.state.update(json.loads(m.data)),
+                                   qos("latched"))
+        g.node.create_subscription(Clock, "/clock", lambda m: self.clock.update(t=stamp_to_sec(m.clock)), qos("clock"))
+        g.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self.diagnostics.update(
+            {st.name.lstrip("/"): {kv.key: kv.value for kv in st.values} for st in m.status}), 10)
+
+    def episode(self) -> dict:
+        from std_srvs.srv import SetBool, Trigger
+
+        g, state, clock, hil, k = self.g, self.state, self.clock, self.hil, len(self.results)
+        before = hil.status.get("episodes", 0) + hil.status.get("discarded", 0) if hil else 0
+        g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
+        g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
+        g.spin_until(lambda: state.get("episode") == k and state.get("state") == "running", 30, "running")
+        t_start, t0 = time.monotonic(), state["t"]
+        t_end = t0 + self.max_steps * self.dt
+        seen = {"t": clock["t"], "wall": time.monotonic()}
+        if hil:
+            hil.start_episode(self.task, self.seed + k, t0, self.dt)
+
+        def over() -> bool:
+            if hil:
+                hil.tick(clock["t"])
+            if clock["t"] != seen["t"]:
+                seen.update(t=clock["t"], wall=time.monotonic())
+            elif time.monotonic() - seen["wall"] > STALL_S:
+                server = self.diagnostics.get("policy_server", {})
+                waits = ", ".join(f"{k} {v}" for k, v in server.items() if k.startswith(("waiting_for", "newest.")))
+                raise RunError(f"the sim clock stopped at {clock['t']:.2f} s for {STALL_S:.0f} s (a stalled node?"
+                               f"{'; the policy server waits: ' + waits if waits else ''}); see {g.log_path}")
+            return bool(state.get("success") or state.get("failed") or clock["t"] >= t_end)
+
+        g.spin_until(over, max(600.0, 20 * self.max_steps * self.dt), f"episode {k}")
+        success = bool(state.get("success"))
+        g.call(SetBool, "episode/stop", SetBool.Request(data=success), f"stop of episode {k}")
+        if hil:
+            hil.end_episode(g, k, before)
+        self.results.append({"episode": k, "seed": self.seed + k, "success": success,
+                             "sim_s": round(clock["t"] - t0, 2), "wall_s": round(time.monotonic() - t_start, 2)})
+        return self.results[-1]
+
+
 def run(cfg: DictConfig, console) -> int:
-    from diagnostic_msgs.msg import DiagnosticArray
     from rich.table import Table
-    from rosgraph_msgs.msg import Clock
-    from std_msgs.msg import String
-    from std_srvs.srv import SetBool, Trigger
 
     from robot_rl.hardware import load_hardware_config
-    from robot_rl.nodes.common import qos, stamp_to_sec
     from robot_rl.policies.checkpoint import read_config
     from robot_rl.sim.registry import TASKS, _load
 
@@ -248,56 +303,20 @@ def run(cfg: DictConfig, console) -> int:
     else:  # real time: the next chunk is planned one step early, so it is there before the current one ends
         args.append(f"plan_ahead:={1 if mode == 'realtime' else 0}")
     g = Graph(args, out / "run_launch.log", "robot_rl_run")
-    node = g.node
-    state: dict = {}
-    clock = {"t": 0.0}
-    node.create_subscription(String, "episode/state", lambda m: state.update(json.loads(m.data)), qos("latched"))
-    node.create_subscription(Clock, "/clock", lambda m: clock.update(t=stamp_to_sec(m.clock)), qos("clock"))
-    diagnostics: dict[str, dict[str, str]] = {}  # the newest values per node
-    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diagnostics.update(
-        {st.name.lstrip("/"): {kv.key: kv.value for kv in st.values} for st in m.status}), 10)
-
-    results = []
+    runner = EpisodeRunner(g, task, max_steps, dt, seed, hil)
+    results = runner.results
     try:
         if hil:
             hil.attach(g, console)
-        for k in range(int(cfg.episodes)):
-            before = hil.status.get("episodes", 0) + hil.status.get("discarded", 0) if hil else 0
-            g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
-            g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
-            g.spin_until(lambda k=k: state.get("episode") == k and state.get("state") == "running", 30, "running")
-            t_start, t0 = time.monotonic(), state["t"]
-            t_end = t0 + max_steps * dt
-            seen = {"t": clock["t"], "wall": time.monotonic()}
-            if hil:
-                hil.start_episode(task, seed + k, t0, dt)
-
-            def over(t_end=t_end, seen=seen) -> bool:
-                if hil:
-                    hil.tick(clock["t"])
-                if clock["t"] != seen["t"]:
-                    seen.update(t=clock["t"], wall=time.monotonic())
-                elif time.monotonic() - seen["wall"] > STALL_S:
-                    server = diagnostics.get("policy_server", {})
-                    waits = ", ".join(f"{k} {v}" for k, v in server.items() if k.startswith(("waiting_for", "newest.")))
-                    raise RunError(f"the sim clock stopped at {clock['t']:.2f} s for {STALL_S:.0f} s (a stalled node?"
-                                   f"{'; the policy server waits: ' + waits if waits else ''}); see {out / 'run_launch.log'}")
-                return bool(state.get("success") or state.get("failed") or clock["t"] >= t_end)
-
-            g.spin_until(over, max(600.0, 20 * max_steps * dt), f"episode {k}")
-            success = bool(state.get("success"))
-            g.call(SetBool, "episode/stop", SetBool.Request(data=success), f"stop of episode {k}")
-            if hil:
-                hil.end_episode(g, k, before)
-            results.append({"episode": k, "seed": seed + k, "success": success,
-                            "sim_s": round(clock["t"] - t0, 2), "wall_s": round(time.monotonic() - t_start, 2)})
-            console.print(f"episode {k} (seed {seed + k}): {'success' if success else 'failure'} "
-                          f"in {results[-1]['sim_s']} s sim, {results[-1]['wall_s']} s wall")
+        for _ in range(int(cfg.episodes)):
+            r = runner.episode()
+            console.print(f"episode {r['episode']} (seed {r['seed']}): {'success' if r['success'] else 'failure'} "
+                          f"in {r['sim_s']} s sim, {r['wall_s']} s wall")
         t_diag = time.monotonic() + 1.5  # one more round of /diagnostics, with the final counters
         g.spin_until(lambda: time.monotonic() >= t_diag, 3.0, "final diagnostics")
         cpu = _cpu_seconds(out / "run_launch.log")
     finally:
-        (out / "run_diagnostics.json").write_text(json.dumps(diagnostics, indent=2))  # what each node said last
+        (out / "run_diagnostics.json").write_text(json.dumps(runner.diagnostics, indent=2))  # what each node said last
         g.close()
         if hil:
             hil.close()
@@ -318,5 +337,5 @@ def run(cfg: DictConfig, console) -> int:
     console.print(table)
     (out / "run.json").write_text(json.dumps({"task": task, "mode": mode, "episodes": n, "successes": s,
                                               "ci95": [lo, hi], "per_episode": results, "cpu_s": cpu,
-                                              "human": human, "diagnostics": diagnostics}, indent=2))
+                                              "human": human, "diagnostics": runner.diagnostics}, indent=2))
     return 0

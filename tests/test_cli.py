@@ -91,11 +91,11 @@ def test_readme_commands_run(tmp_path):
         if args[0] == "replay":
             args += ["video=false", f"out={tmp_path / 'replay'}"]
         ros = None
-        if args[0] in ("run", "record"):  # the ROS graph, on a DDS domain of its own
+        if args[0] in ("run", "record") or "finetune.actor=ros" in args:  # the ROS graph, on a DDS domain of its own
             from tests.helpers.ros import free_port, fresh_domain, ros_env
 
             ros = ros_env(fresh_domain())
-            args += [f"out={tmp_path / args[0]}", f"console.port={free_port()}"]
+            args += [f"console.port={free_port()}"] + ([f"out={tmp_path / args[0]}"] if args[0] != "finetune" else [])
             if args[0] == "record" or "hil=true" in args:  # no person at a terminal here: the scripted one
                 args = [a for a in args if not a.startswith("operator=")] + ["operator=scripted"]
         r = run(*args, cwd=tmp_path, env=ros)

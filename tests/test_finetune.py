@@ -217,11 +217,12 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
     assert only_successes.returncode != 0 and "failed episodes" in only_successes.stderr
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
 
 
 def test_step_labels_leave_the_frames_before_success_out():
@@ -280,3 +281,28 @@ def test_a_scripted_operator_intervenes_and_its_steps_are_flagged_and_learned_fr
     human = n_demo + np.flatnonzero(flags)
     assert set(human) <= set(data.offline_ids) and not set(human) & set(data.online_ids)  # HIL-SERL routing
     assert float(data.ret[n_demo:].min()) < 0  # RLIF: −1 before a takeover
+
+
+def test_online_finetuning_through_the_ros_graph_hot_reloads_the_learners_weights(stores, weak_teacher, tmp_path):
+    """`finetune.actor=ros`: the policy acts through `launch/sim_hil` (policy server exploring,
+    executor, mux, safety filter, recorder writing the online store in its own process); the learner
+    reads only that store, and each round's weights reach the server by a verified hot reload."""
+    from tests.helpers.ros import ROOT, free_port, fresh_domain, ros_env
+
+    out = tmp_path / "ros"
+    r = run_cli("finetune", f"ckpt={weak_teacher}", f"store={stores[0]}", "progress=false", "sampler=ddim5",
+                "finetune.actor=ros", "finetune.rounds=3", "finetune.episodes_per_round=1", "finetune.utd=0.1",
+                "finetune.critic_steps=20", "finetune.batch_size=32", "finetune.eval_episodes=0",
+                f"finetune.out={out}", f"hardware_config={ROOT / 'tests' / 'hardware' / 'sim_small.yaml'}",
+                f"console.port={free_port()}", env=ros_env(fresh_domain()))
+    log = (out / "actor_launch.log").read_text() if (out / "actor_launch.log").exists() else ""
+    assert r.returncode == 0, (r.stderr[-2000:], log[-3000:])
+    report = json.loads((out / "report.json").read_text())
+    assert report["actor"]["kind"] == "ros" and report["actor"]["hot_reloads"] == 2, report["actor"]
+    assert "now serving v1" in log and "now serving v2" in log  # the server swapped each announced version in
+    online = EpisodeStore(out / "online.zarr")  # written by the recorder node, read by the learner
+    assert online.n_episodes == 3 and {m["source"] for m in online.meta} == {"hil"}
+    assert [m["policy_versions"] for m in online.meta] == [[0], [1], [2]]  # round k acted with the k-th weights
+    assert report["env_steps"] == online.n_steps and report["history"]["rounds"] == [0, 1, 2]
+    for v in (1, 2):
+        assert load_policy(out / "weights" / f"v{v}").cfg == load_policy(weak_teacher).cfg

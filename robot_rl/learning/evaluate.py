@@ -27,10 +27,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 class ChunkAgent:
+    """Runs a chunked policy step by step: plans a chunk when the queue is empty, executes its first
+    `n_action_steps`. `explore_std` > 0 adds Gaussian noise (action units) to every planned chunk
+    (the RL actor's exploration; the executed, clipped actions are what gets recorded)."""
+
     def __init__(self, policy: DiffusionPolicy, sampler: str, device: torch.device | str = "cpu",
-                 n_action_steps: int | None = None):
+                 n_action_steps: int | None = None, explore_std: float = 0.0):
         self.policy = policy.eval()
-        self.sampler = sampler
+        self.sampler, self.explore_std = sampler, float(explore_std)
         self.device = torch.device(device)
         cfg = policy.cfg
         self.n_obs, self.n_act = cfg.n_obs_steps, n_action_steps or cfg.n_action_steps
@@ -44,6 +48,7 @@ class ChunkAgent:
         self.t = 0
         self.features: OrderedDict = OrderedDict()  # (step, image key) -> features, each frame once
         self.generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+        self.noise_rng = np.random.default_rng(int(rng.integers(2**31)))
 
     def swap_policy(self, policy: DiffusionPolicy) -> None:
         """New weights between two steps (same architecture): the window's frames are re-encoded with
@@ -91,6 +96,8 @@ class ChunkAgent:
         self.observe(obs)
         if not self.queue:
             chunk = self.plan()
+            if self.explore_std > 0:
+                chunk = chunk + self.noise_rng.normal(0.0, self.explore_std, chunk.shape)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             # observation-to-chunk latency: this step's frames encoded + the denoising head

@@ -37,6 +37,9 @@ budgets (150 k steps, three seeds, lift and peg_insert) have not been run.
   pre-trains the critics; online updates use online data only. Rewards: the task's, RLIF's
   intervention reward (`reward=rlif`), or a learned success classifier's (`reward=classifier`,
   HIL-SERL; `robot_rl.learning.reward`). Resumes from the last round's checkpoint and the store.
+  The actor is in-process (`SimActor`, fastest) or the ROS 2 graph (`robot_rl.learning.ros_actor`:
+  the policy server explores, the recorder node writes the online store, a person can take over from
+  the web console, the learner's weights are hot-reloaded each round).
 """
 
 from __future__ import annotations
@@ -334,35 +337,29 @@ def _eval(policy, make_env, task, cfg: FinetuneConfig, sampler: str, device) -> 
 
 # ---- online -----------------------------------------------------------------------------------------------
 class ExploringAgent(ChunkAgent):
-    """The actor: the policy's own sampling noise plus Gaussian noise on each planned chunk. With a
-    critic and `select_n` > 1 it samples that many chunks and executes the one the critic values
-    most (IDQL's selection, Hansen-Estruch et al. 2023): every candidate comes from the policy, so
-    the critic only ranks actions inside the policy's support."""
+    """The actor: the policy's own sampling noise plus Gaussian noise on each planned chunk
+    (`ChunkAgent.explore_std`). With a critic and `select_n` > 1 it samples that many chunks and
+    executes the one the critic values most (IDQL's selection, Hansen-Estruch et al. 2023): every
+    candidate comes from the policy, so the critic only ranks actions inside the policy's support."""
 
     def __init__(self, policy, sampler, device, std: float, critic: ChunkCritic | None = None, select_n: int = 1):
-        super().__init__(policy, sampler, device)
-        self.std, self.critic, self.select_n = std, critic, select_n if critic is not None else 1
-
-    def reset(self, rng: np.random.Generator) -> None:
-        super().reset(rng)
-        self.noise_rng = np.random.default_rng(int(rng.integers(2**31)))
+        super().__init__(policy, sampler, device, explore_std=std)
+        self.critic, self.select_n = critic, select_n if critic is not None else 1
 
     @torch.no_grad()
     def plan(self) -> np.ndarray:
-        if self.select_n > 1:
-            p, cfg, n = self.policy, self.policy.cfg, self.select_n
-            window = self._window()
-            batch = {k: torch.as_tensor(np.stack([o[k] for _, o in window]))[None].to(self.device) for k in cfg.state_keys}
-            noise = torch.randn((n, cfg.horizon, cfg.action_dim), generator=self.generator).to(self.device)
-            cond = p.condition(batch).expand(n, -1)
-            chunks = p.sample_normalized(cond, self.sampler, None, noise)
-            first = cfg.n_obs_steps - 1
-            q = self.critic.q(p.state_tensor(batch).flatten(1).expand(n, -1),
-                              chunks[:, first:first + cfg.n_action_steps].flatten(1))
-            chunk = p.normalizer.unnormalize("action", chunks[int(q.argmax())])[None][0].cpu().numpy()
-        else:
-            chunk = super().plan()
-        return chunk + self.noise_rng.normal(0.0, self.std, chunk.shape) if self.std > 0 else chunk
+        if self.select_n <= 1:
+            return super().plan()
+        p, cfg, n = self.policy, self.policy.cfg, self.select_n
+        window = self._window()
+        batch = {k: torch.as_tensor(np.stack([o[k] for _, o in window]))[None].to(self.device) for k in cfg.state_keys}
+        noise = torch.randn((n, cfg.horizon, cfg.action_dim), generator=self.generator).to(self.device)
+        cond = p.condition(batch).expand(n, -1)
+        chunks = p.sample_normalized(cond, self.sampler, None, noise)
+        first = cfg.n_obs_steps - 1
+        q = self.critic.q(p.state_tensor(batch).flatten(1).expand(n, -1),
+                          chunks[:, first:first + cfg.n_action_steps].flatten(1))
+        return p.normalizer.unnormalize("action", chunks[int(q.argmax())])[None][0].cpu().numpy()
 
 
 class InterveningActor:
@@ -406,6 +403,43 @@ class InterveningActor:
 
 
 @dataclass
+class RoundResult:
+    """What one actor round did: episodes run and recorded into the online store."""
+    episodes: int
+    successes: int
+    steps: int
+    takeovers: int = 0
+
+
+class SimActor:
+    """The in-process actor: the exploring policy (and the scripted operator, `operator=scripted`)
+    steps a MuJoCo env; every episode is recorded into the online store (source `policy`)."""
+
+    def __init__(self, make_env, task: str, store: Path, cfg: FinetuneConfig, sampler: str, device):
+        self.env, self.task, self.store, self.cfg, self.sampler, self.device = make_env(), task, store, cfg, sampler, device
+
+    def round(self, policy, critic: ChunkCritic | None, rnd: int) -> RoundResult:
+        from robot_rl.rollout import EpisodeRecorder, run_episodes
+
+        cfg = self.cfg
+        agent = ExploringAgent(policy, self.sampler, self.device, cfg.explore_std, critic, cfg.select_n)
+        actor = InterveningActor(agent, self.env, self.task) if cfg.operator == "scripted" else agent
+        rec = EpisodeRecorder(self.store, self.env.robot_spec, self.task, source="policy")
+        try:
+            s = run_episodes(self.env, actor, cfg.episodes_per_round, cfg.train_seed + rnd * cfg.episodes_per_round,
+                             self.task, f"round {rnd}", progress=False, recorder=rec)
+        finally:
+            rec.close()
+        return RoundResult(s.episodes, s.successes, s.steps, getattr(actor, "takeovers", 0))
+
+    def summary(self) -> dict:
+        return {"kind": "sim"}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@dataclass
 class OnlineHistory:
     rounds: list[int] = field(default_factory=list)
     env_steps: list[int] = field(default_factory=list)
@@ -418,10 +452,11 @@ class OnlineHistory:
 
 
 def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], out: str | Path, cfg: FinetuneConfig,
-                    progress: bool = True) -> dict:
-    """Actor/learner rounds in simulation; every episode lands in `out/online.zarr`. Resumable."""
-    from robot_rl.rollout import EpisodeRecorder, run_episodes
-
+                    progress: bool = True, actor=None) -> dict:
+    """Actor/learner rounds; every episode lands in `out/online.zarr`. Resumable. `actor(policy_path,
+    online_store, sampler, first_round)` builds another actor than the in-process `SimActor` (the ROS
+    graph: `robot_rl.learning.ros_actor.RosActor`); it is given each round's policy and returns a
+    `RoundResult`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -450,19 +485,13 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
     if learner is not None and not resumed:
         _pretrain_critic(learner, critic_data, cfg.critic_steps, rng, progress, "critic (offline data)")
     tb = _tensorboard(out / "tensorboard")
-    env = make_env()
+    runner = SimActor(make_env, task, online_store, cfg, sampler, device) if actor is None else \
+        actor(last / "policy" if resumed else Path(ckpt), online_store, sampler, first_round)
     try:
         for rnd in range(first_round, cfg.rounds):
             if env_steps >= cfg.max_env_steps:
                 break
-            agent = ExploringAgent(policy, sampler, device, cfg.explore_std, learner and learner.critic, cfg.select_n)
-            actor = InterveningActor(agent, env, task) if cfg.operator == "scripted" else agent
-            rec = EpisodeRecorder(online_store, env.robot_spec, task, source="policy")
-            try:
-                s = run_episodes(env, actor, cfg.episodes_per_round, cfg.train_seed + rnd * cfg.episodes_per_round, task,
-                                 f"round {rnd}", progress=False, recorder=rec)
-            finally:
-                rec.close()
+            s = runner.round(policy, learner and learner.critic, rnd)
             env_steps += s.steps
             data = ChunkData([] if cfg.warm_start else offline, policy, cfg.gamma, cfg.reward, device, [online_store], clf)
             if learner is None:
@@ -477,9 +506,9 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
             online_rewards = EpisodeStore(online_store)
             hist.rounds.append(rnd)
             hist.env_steps.append(env_steps)
-            hist.success.append(s.success_rate)
+            hist.success.append(s.successes / max(1, s.episodes))
             hist.ret.append(_mean_return(online_rewards, s.episodes))
-            hist.interventions.append(getattr(actor, "takeovers", 0) / max(1, s.episodes))
+            hist.interventions.append(s.takeovers / max(1, s.episodes))
             hist.updates_per_s.append(ups)
             if cfg.eval_every and (rnd + 1) % cfg.eval_every == 0 and rnd + 1 < cfg.rounds:
                 hist.eval_env_steps.append(env_steps)
@@ -497,7 +526,7 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
                 print(f"round {rnd}: {s.successes}/{s.episodes} ok (exploring), {env_steps} env steps, "
                       f"{n_updates} updates at {ups:.0f}/s, {learner.last}")
     finally:
-        env.close()
+        runner.close()
         tb.close()
     _save(policy, out / "policy", ckpt, {"stage": "finetune online", "env_steps": env_steps})
     after = _eval(policy, make_env, task, cfg, sampler, device) if cfg.eval_episodes else None
@@ -509,7 +538,8 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
         hist.eval_success.insert(0, before["success_rate"])
     plot_online(hist, out / "curves.png", task)
     report = {"mode": "online", "ckpt": str(ckpt), "task": task, "sampler": sampler, "policy": str(out / "policy"),
-              "env_steps": env_steps, "before": before, "after": after, "history": asdict(hist), "config": asdict(cfg)}
+              "env_steps": env_steps, "before": before, "after": after, "history": asdict(hist), "config": asdict(cfg),
+              "actor": runner.summary()}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -12,7 +12,7 @@ while the inference loop turns; the safety filter holds the arm when it stops); 
 reads with their periods, which the safety filter watches); hot reload of weights announced on the
 latched `policy/weights` (`{path, version, sha256}`): verified and loaded in the background, swapped
 between two inferences. Lifecycle node: configure loads and warms up, deactivate stops the chunks and
-says `inactive` last.
+says `inactive` last. `explore_std` > 0 adds Gaussian noise to every chunk (the RL fine-tuning actor).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def build(cfg, _rt_note, stop):
 
     node = LifecycleNode("policy_server")
     p = declare(node, {"hardware_config": cfg.source, "ckpt": "", "sampler": "auto", "device": "auto",
-                       "sim.task": cfg.sim.task, "cpu_threads": 1, "plan_ahead": 0, "autostart": True})
+                       "sim.task": cfg.sim.task, "cpu_threads": 1, "plan_ahead": 0, "explore_std": 0.0,
+                       "autostart": True})
     if not p["ckpt"]:
         raise ValueError("policy_server: set the checkpoint: -p ckpt:=<folder>")
     device = "cuda" if p["device"] == "auto" and torch.cuda.is_available() else ("cpu" if p["device"] == "auto" else p["device"])
@@ -148,7 +149,7 @@ def build(cfg, _rt_note, stop):
             return  # configured once per process; new weights come through policy/weights
         s["policy"] = policy = load(p["ckpt"])
         s["path"], s["sha256"] = str(p["ckpt"]), _file_sha256(Path(p["ckpt"]) / "model.safetensors")
-        s["agent"] = agent = ChunkAgent(policy, sampler(), device)
+        s["agent"] = agent = ChunkAgent(policy, sampler(), device, explore_std=p["explore_std"])
         plan_ahead = int(p["plan_ahead"])  # 0 = the in-process schedule (lock-step equivalence)
         if not 0 <= plan_ahead < agent.n_act:
             raise ValueError(f"policy_server: plan_ahead {plan_ahead} must be in [0, n_action_steps={agent.n_act})")
@@ -222,6 +223,8 @@ def build(cfg, _rt_note, stop):
                 if "agent" in s:
                     heartbeat()
                 if not (ep["running"] and life.active.is_set()):
+                    if "agent" in s:
+                        swap_if_pending()  # between episodes there is no inference to wait for
                     lock.wait(0.04)
                     continue
                 agent = s["agent"]

@@ -8,7 +8,8 @@ safety filter), the policy's proposed action (`policy/target`), the intervention
 committed with that label; an abort, or `recorder/discard` while it runs, drops it. Samples that
 arrive too late for their step are counted per key (`dropped` in the episode's metadata, in
 `recorder/status` and in /diagnostics), never silently. The source is `teleop`, or `hil` once a
-policy's targets were seen (source:=<name> forces it). `recorder/status` (latched JSON) says what
+policy's targets were seen (source:=<name> forces it); the policy server's weights versions that acted
+in the episode (`policy/info`, hot reloads included) are stored as `policy_versions`. `recorder/status` (latched JSON) says what
 the store holds and what is being recorded.
 """
 
@@ -73,7 +74,7 @@ def build(cfg, _rt_note, stop):
     dt = 1.0 / cfg.rates.policy_hz
     side: dict[str, list] = {"executed": [], "proposed": [], "flags": [], "rewards": []}  # until an episode starts
     rec: dict = {"asm": None, "episode": None, "t0": None, "label": None, "stop_at": None, "policy_seen": False,
-                 "seed": None, "discard": False}
+                 "seed": None, "discard": False, "served": None, "versions": set()}
     totals = {"episodes": writer.n_episodes, "steps": writer.n_steps, "dropped": 0, "discarded": 0}
     status_pub = node.create_publisher(String, "recorder/status", qos("latched"))
     diag = Diagnostics(node)
@@ -132,6 +133,17 @@ def build(cfg, _rt_note, stop):
                 resp.success, resp.message = True, f"episode {rec['episode']} will not be stored"
         return resp
 
+    def on_info(m) -> None:
+        """The policy server's weights version: each episode records the versions that acted in it."""
+        rec["policy_seen"] = True
+        try:
+            version = int(json.loads(m.data)["version"])
+        except (ValueError, KeyError, TypeError):
+            return
+        with cond:
+            rec["served"] = version
+            rec["versions"].add(version)
+
     def begin() -> None:
         """The episode started: open it once the measured pose at its start time is in (or the first
         one after it, when the pose stream started late)."""
@@ -153,6 +165,7 @@ def build(cfg, _rt_note, stop):
                              operator=p["operator"], start_time=time.time(), seed=rec["seed"], episode=rec["episode"],
                              stamp0=rec["t0"])
         rec["asm"] = asm
+        rec["versions"] = {rec["served"]} - {None}  # the weights serving as the episode starts, and any swapped in
         announce()
 
     def write(steps) -> None:
@@ -171,6 +184,8 @@ def build(cfg, _rt_note, stop):
             node.get_logger().info(f"recorder: episode {ended['episode']} not stored ({why})")
         else:
             extra = {"source": "hil" if rec["policy_seen"] else "teleop"} if p["source"] == "auto" else {}
+            if rec["policy_seen"] and rec["versions"]:
+                extra["policy_versions"] = sorted(rec["versions"])
             k = writer.end_episode(success=label == "success", label=label, dropped=dropped,
                                    dropped_steps=asm.dropped_steps[:100], clipped_actions=asm.clipped, **extra)
             totals.update(episodes=writer.n_episodes, steps=writer.n_steps)
@@ -185,7 +200,7 @@ def build(cfg, _rt_note, stop):
         "flags", (stamp_to_sec(m.stamp), m.frame_id == "human")), qos("state"))
     node.create_subscription(Vector3Stamped, "episode/reward", lambda m: feed(
         "rewards", (stamp_to_sec(m.header.stamp), m.vector.x)), qos("state"))
-    node.create_subscription(String, "policy/info", lambda _m: rec.update(policy_seen=True), qos("latched"))
+    node.create_subscription(String, "policy/info", on_info, qos("latched"))
     node.create_service(Trigger, "recorder/discard", discard_srv)
     announce()
 

@@ -103,9 +103,12 @@ class WindowDataset:
         if not opened:
             raise StoreError("WindowDataset needs at least one store")
         self.spec = opened[0].spec
+        read = list(cfg.obs_keys or self.spec.keys())  # stores mix when they agree on what is read (keys, action, rate)
         for st in opened[1:]:
-            if st.spec.policy_hash(st.spec.keys()) != self.spec.policy_hash(self.spec.keys()):
-                raise StoreError(f"store {st.path}: spec '{st.spec.name}' differs from {opened[0].path}'s; "
+            missing = sorted(set(read) - set(st.spec.keys()))
+            if missing or st.spec.policy_hash(read) != self.spec.policy_hash(read):
+                raise StoreError(f"store {st.path}: spec '{st.spec.name}' differs from {opened[0].path}'s "
+                                 f"{f'(no {missing})' if missing else 'in the keys read, the action or the rate'}; "
                                  "mix stores of one robot cell only")
         self.deltas = delta_dims(self.spec)
         self.state_keys = [k for k in (cfg.obs_keys or self.spec.state_keys) if not k.startswith("image.")]
