@@ -124,10 +124,17 @@ def build(cfg, _rt_note, stop):
             process()
 
     def on_safety(m) -> None:
+        """A hold: the arm holds its measured pose and control restarts from there with the next chunk.
+        Chunks planned before the hold are dropped; one planned at or after it (topics arrive in any
+        order) is kept — dropping it would leave a lock-step clock waiting for targets forever."""
+        if not is_holding(m):
+            return
+        t_hold = (json_state(m) or {}).get("t")
         with lock:
-            if is_holding(m):  # the arm holds its measured pose: control restarts from there with the next chunk
-                ex.target = None
-                pending.clear()
+            ex.target = None
+            kept = [c for c in pending if isinstance(t_hold, (int, float)) and c[0] >= t_hold]
+            pending.clear()
+            pending.extend(kept)
 
     def on_intervention(m) -> None:
         if m.frame_id == "human":  # the operator drives: when control comes back, the next chunk starts fresh
