@@ -3,7 +3,10 @@ training) fine-tuned online in simulation, next to a control that spends the sam
 steps and updates on the same data without any RL signal (uniform weights, no critic term: plain
 behaviour cloning on demonstrations + its own rollouts). Both start from the same checkpoint and are
 evaluated before and after on the same seeds (disjoint from demonstration and training seeds).
-Resumable: the start checkpoint and each arm's run are cached under --out.
+Side by side, the RLPD baseline (robot_rl.learning.sac: Gaussian SAC from scratch, single-step
+actions, demonstrations in half of every batch) gets the same keys, demonstrations and environment
+steps: its final success and the steps it needed to reach 80 %. Resumable: the start checkpoint and
+each chunked arm's run are cached under --out.
 
     python benchmarks/finetune.py                              # reach, 1 seed (~30 min on 2 cores)
     python benchmarks/finetune.py --tasks lift,peg_insert --seeds 0,1,2 --rounds 40 --episodes 100
@@ -27,6 +30,7 @@ from robot_rl.cli import compose, task_setup  # noqa: E402
 from robot_rl.learn_cli import env_factory  # noqa: E402
 from robot_rl.learning.finetune import FinetuneConfig, finetune_online  # noqa: E402
 from robot_rl.learning.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from robot_rl.learning.sac import SACConfig, train_rlpd  # noqa: E402
 from robot_rl.learning.train import LoopConfig  # noqa: E402
 from robot_rl.policies.checkpoint import read_config  # noqa: E402
 
@@ -44,6 +48,7 @@ def main() -> None:
     ap.add_argument("--episodes-per-round", type=int, default=20)
     ap.add_argument("--episodes", type=int, default=50, help="evaluation episodes, before and after")
     ap.add_argument("--set", default="{}", help="FinetuneConfig overrides for the rl arm, as JSON")
+    ap.add_argument("--sac-utd", type=int, default=1, help="RLPD baseline: updates per environment step")
     ap.add_argument("--out", default="outputs/bench_finetune")
     args = ap.parse_args()
     ARMS["rl"] = json.loads(args.set)
@@ -72,6 +77,17 @@ def main() -> None:
                                 "env_steps": rep["env_steps"], "wall_min": round((time.perf_counter() - t0) / 60, 1),
                                 "exploring_success": rep["history"]["success"]}
                 print(key, figures[key], flush=True)
+            # the RLPD baseline: Gaussian SAC from scratch on the same keys, demonstrations and step budget
+            budget = max(figures[f"{name}.seed{seed}.{arm}"]["env_steps"] for arm in ARMS)
+            keys = list(read_config(res["student"])["policy"]["state_keys"])
+            t0 = time.perf_counter()
+            sac = train_rlpd(name, make, [res["store"]], keys, SACConfig(
+                max_env_steps=budget, eval_every=max(1, budget // args.rounds), eval_episodes=args.episodes,
+                utd=args.sac_utd, seed=seed))
+            figures[f"{name}.seed{seed}.rlpd_sac"] = {
+                "final": sac["final"], "steps_to_80": sac["steps_to_80"], "env_steps": sac["env_steps"],
+                "curve": sac["curve"], "wall_min": round((time.perf_counter() - t0) / 60, 1)}
+            print(f"{name}.seed{seed}.rlpd_sac", figures[f"{name}.seed{seed}.rlpd_sac"], flush=True)
     figures["wall_min"] = round((time.perf_counter() - t_all) / 60, 1)
     emit("finetune", figures, "python benchmarks/finetune.py " + " ".join(sys.argv[1:]))
 

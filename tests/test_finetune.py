@@ -306,3 +306,20 @@ def test_online_finetuning_through_the_ros_graph_hot_reloads_the_learners_weight
     assert report["env_steps"] == online.n_steps and report["history"]["rounds"] == [0, 1, 2]
     for v in (1, 2):
         assert load_policy(out / "weights" / f"v{v}").cfg == load_policy(weak_teacher).cfg
+
+
+def test_rlpd_sac_baseline_reads_the_stores_and_trains(stores):
+    """The side-by-side baseline of benchmarks/finetune.py: transitions from the stores (a truncated
+    episode's last step has no next observation and is left out; a success's last step is terminal),
+    then online SAC with half of every batch from them."""
+    from robot_rl.learning.sac import SACConfig, store_transitions, train_rlpd
+
+    demos, failures = EpisodeStore(stores[0]), EpisodeStore(stores[1])
+    data = store_transitions(stores, KEYS, 7)
+    assert len(data) == demos.n_steps + failures.n_steps - failures.n_episodes
+    assert data.arrays["done"][:len(data)].sum() == demos.n_episodes  # every demonstration ends in success
+    make = lambda: make_env("reach")  # noqa: E731
+    cfg = SACConfig(hidden=32, batch_size=32, max_env_steps=120, eval_every=60, eval_episodes=2)
+    rep = train_rlpd("reach", make, stores, KEYS, cfg)
+    assert [s for s, _ in rep["curve"]] == [0, 60, 120] and rep["env_steps"] == 120
+    assert all(np.isfinite(v) for v in rep["last"].values()) and rep["last"]["alpha"] < cfg.init_temperature
