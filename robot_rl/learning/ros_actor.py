@@ -10,6 +10,7 @@ live before the first episode).
 
 A person can take over at any time from the web console (or the scripted operator does, with
 `operator=scripted`); their steps are flagged and routed to the demonstration share of the batches.
+The critic-ranked chunk selection (`select_n`) is in-process only: the server samples one chunk.
 """
 
 from __future__ import annotations

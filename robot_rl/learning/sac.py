@@ -107,7 +107,8 @@ class SAC(nn.Module):
         super().__init__()
         self.cfg, self.act_dim = cfg, act_dim
         self.register_buffer("mean", torch.as_tensor(obs_mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(np.maximum(obs_std, 1e-3), dtype=torch.float32))
+        # a key constant in the demonstrations (the gripper, a still wrench) must not blow up online
+        self.register_buffer("std", torch.as_tensor(np.maximum(obs_std, 1e-2), dtype=torch.float32))
         self.actor = _mlp(obs_dim, 2 * act_dim, cfg.hidden, norm=False)
         self.critics = nn.ModuleList(_mlp(obs_dim + act_dim, 1, cfg.hidden, norm=True) for _ in range(cfg.n_critics))
         self.targets = copy.deepcopy(self.critics).requires_grad_(False)
@@ -118,7 +119,7 @@ class SAC(nn.Module):
         self.last: dict[str, float] = {}
 
     def _norm(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.mean) / self.std
+        return ((obs - self.mean) / self.std).clamp(-10.0, 10.0)
 
     def policy(self, obs: torch.Tensor, deterministic: bool = False):
         """A tanh-squashed Gaussian action and its log-probability."""
