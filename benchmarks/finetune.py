@@ -3,6 +3,9 @@ training) fine-tuned online in simulation, next to a control that spends the sam
 steps and updates on the same data without any RL signal (uniform weights, no critic term: plain
 behaviour cloning on demonstrations + its own rollouts). Both start from the same checkpoint and are
 evaluated before and after on the same seeds (disjoint from demonstration and training seeds).
+`rl_hil` is the RL arm with the scripted operator in the loop (it takes over when the policy strays
+from the expert's path; its steps are flagged and learned from): interventions per episode by round,
+and its success next to the RL arm's at (nearly) equal environment steps.
 Side by side, the RLPD baseline (robot_rl.learning.sac: Gaussian SAC from scratch, single-step
 actions, demonstrations in half of every batch) gets the same keys, demonstrations and environment
 steps: its final success and the steps it needed to reach 80 %. Resumable: the start checkpoint and
@@ -34,7 +37,7 @@ from robot_rl.learning.sac import SACConfig, train_rlpd  # noqa: E402
 from robot_rl.learning.train import LoopConfig  # noqa: E402
 from robot_rl.policies.checkpoint import read_config  # noqa: E402
 
-ARMS = {"rl": {}, "bc_control": {"beta": 0.0, "extraction": "awr"}}
+ARMS = {"rl": {}, "bc_control": {"beta": 0.0, "extraction": "awr"}, "rl_hil": {"operator": "scripted"}}
 
 
 def main() -> None:
@@ -75,7 +78,8 @@ def main() -> None:
                 figures[key] = {"before": rep["before"]["success_rate"], "after": rep["after"]["success_rate"],
                                 "gain_points": round(100 * (rep["after"]["success_rate"] - rep["before"]["success_rate"]), 1),
                                 "env_steps": rep["env_steps"], "wall_min": round((time.perf_counter() - t0) / 60, 1),
-                                "exploring_success": rep["history"]["success"]}
+                                "exploring_success": rep["history"]["success"],
+                                "interventions_per_episode": rep["history"]["interventions"]}
                 print(key, figures[key], flush=True)
             # the RLPD baseline: Gaussian SAC from scratch on the same keys, demonstrations and step budget
             budget = max(figures[f"{name}.seed{seed}.{arm}"]["env_steps"] for arm in ARMS)

@@ -207,6 +207,7 @@ def finetune_config(cfg: DictConfig):
 def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
     from rich.table import Table
 
+    from robot_rl.hardware import load_hardware_config
     from robot_rl.learning.finetune import finetune_offline, finetune_online
     from robot_rl.policies.checkpoint import read_config
 
@@ -218,6 +219,9 @@ def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -
         raise LearnError(f"finetune mode '{mode}' is not online or offline")
     if cfg.finetune.actor not in ("sim", "ros"):
         raise LearnError(f"finetune actor '{cfg.finetune.actor}' is not sim or ros")
+    if cfg.finetune.actor == "ros" and not load_hardware_config(cfg.hardware_config).is_sim:
+        raise LearnError(f"finetune actor=ros drives sim episodes; '{cfg.hardware_config}' is a real cell, and "
+                         "fine-tuning on hardware is not built yet (use a sim hardware config)")
     pcfg = read_config(ckpt)
     name, setup = task_setup(cfg)
     if pcfg.get("task") and pcfg["task"] != name:  # the task the checkpoint was trained on

@@ -207,7 +207,8 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
                   f"finetune.out={tmp_path / 'on'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "on" / "curves.png").exists() and (tmp_path / "on" / "policy" / "config.json").exists()
-    for args, needle in ((["mode=sideways"], "online or offline"), (["finetune.extraction=ddpg_bc"], "one-step")):
+    for args, needle in ((["mode=sideways"], "online or offline"), (["finetune.extraction=ddpg_bc"], "one-step"),
+                         (["finetune.actor=ros", "hardware_config=franka_panda"], "real cell")):
         bad = run_cli("finetune", *common, *args, f"finetune.out={tmp_path / 'bad'}")
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
     clf = run_cli("train", "policy=reward_classifier", f"store=[{stores[0]},{stores[1]}]", "train.steps=20",

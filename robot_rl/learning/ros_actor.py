@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robot_rl.learning.finetune import FinetuneConfig, RoundResult, _save
 from robot_rl.policies.checkpoint import read_config
+from robot_rl.run_cli import EpisodeRunner, Graph, HilSession, RunError
 
 
 class RosActor:
@@ -31,14 +32,9 @@ class RosActor:
 
         from robot_rl.hardware import load_hardware_config
         from robot_rl.nodes.common import qos
-        from robot_rl.run_cli import EpisodeRunner, Graph, HilSession, RunError
         from robot_rl.sim.registry import TASKS, _load
 
-        hw = load_hardware_config(cfg.hardware_config)
-        if not hw.is_sim:
-            raise RunError(f"actor=ros drives sim episodes; on the real cell '{cfg.hardware_config}' run "
-                           "`robot-rl launch robot_policy explore_std:=...` with a recorder and announce weights on "
-                           "/policy/weights")
+        hw = load_hardware_config(cfg.hardware_config)  # a sim cell (the command checks)
         # nobody at the keyboard: the web console is the takeover device (and the scripted operator's joystick)
         run_cfg = OmegaConf.merge(cfg, {"record": str(store), "teleop": "web", "operator": cfg_ft.operator})
         self.hil = HilSession(run_cfg, out)
@@ -77,8 +73,6 @@ class RosActor:
         self.g.spin_until(lambda: self.info.get("version") == self.version or "refused" in self.info, 120,
                           f"the policy server to serve weights v{self.version}")
         if "refused" in self.info:
-            from robot_rl.run_cli import RunError
-
             raise RunError(f"the policy server refused weights v{self.version}: {self.info['refused']['why']}")
         self.reloads += 1
 
