@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROBOT_RL = [sys.executable, "-m", "robot_rl.cli"]
 
 
@@ -62,6 +64,7 @@ def test_bad_input_is_one_line_not_a_traceback():
         assert "Traceback" not in r.stderr
 
 
+@pytest.mark.timeout(1800)  # every README command, three ROS graphs among them: ~8 min here, slower on a busy host
 def test_readme_commands_run(tmp_path):
     """The README's robot-rl examples are executed (episode counts shrunk), so docs cannot drift."""
     import re
