@@ -6,6 +6,8 @@ took each solution. Resumable: each stage is cached under --out and skipped when
     python benchmarks/imitation.py                                   # reach_around, multimodality
     python benchmarks/imitation.py --tasks lift,peg_insert,metaworld/push-v3 --demos 50 \\
         --train-steps 18000 --distill-steps 3000 --episodes 100       # the issue's budgets (~60/30 min)
+    python benchmarks/imitation.py --tasks lift --train-steps 18000 --distill-steps 0 \
+        --evals teacher:ddim10 --name imitation_h100                 # the teacher alone (the H100 record)
 """
 # ruff: noqa: I001
 
@@ -37,6 +39,9 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=400)
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--images", action="store_true")
+    ap.add_argument("--evals", default="teacher:ddim10,student:cm1,student:cm3",
+                    help="policy:sampler pairs to evaluate (--distill-steps 0: teacher only)")
+    ap.add_argument("--name", default="imitation", help="the record's name in benchmarks/results/")
     ap.add_argument("--out", default="outputs/bench_imitation")
     args = ap.parse_args()
     out: dict[str, object] = {}
@@ -49,7 +54,8 @@ def main() -> None:
                                               ckpt_every=500),
                              distill=LoopConfig(steps=args.distill_steps, lr=3e-4, warmup_steps=50, eval_episodes=0,
                                                 ckpt_every=200),
-                             eval_episodes=args.episodes, progress=False)
+                             eval_episodes=args.episodes, progress=False,
+                             evals=tuple(tuple(e.split(":")) for e in args.evals.split(",")))
         res = run_pipeline(cfg, work)
         rows = {f"{r['policy']}_{r['sampler']}": r for r in res["rows"]}
         if name == "reach_around":  # the deterministic baseline on the same data and seeds
@@ -73,8 +79,10 @@ def main() -> None:
                                  "wall_min": round((time.perf_counter() - t0) / 60, 1)}
         print(name, {k: v for k, v in out.items() if k.startswith(name)}, file=sys.stderr, flush=True)
     cmd = (f"python benchmarks/imitation.py --tasks {args.tasks} --demos {args.demos} --train-steps {args.train_steps} "
-           f"--distill-steps {args.distill_steps} --episodes {args.episodes}" + (" --images" if args.images else ""))
-    emit("imitation", out, cmd)
+           f"--distill-steps {args.distill_steps} --episodes {args.episodes}" + (" --images" if args.images else "")
+           + (f" --evals {args.evals}" if args.evals != ap.get_default("evals") else "")
+           + (f" --name {args.name}" if args.name != "imitation" else ""))
+    emit(args.name, out, cmd)
 
 
 if __name__ == "__main__":

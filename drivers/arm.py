@@ -22,6 +22,8 @@ class ArmState:
     target: np.ndarray  # the target the controller currently tracks
     holding: bool = False
     error: str = ""
+    homing: bool = False  # a /arm/home move is under way (backends that home themselves: franka)
+    homed: int = 0  # home moves completed since the backend started
 
 
 class MujocoArm:
@@ -71,7 +73,9 @@ def _open_franka(cfg, link_dir: Path):
     return FrankaArm(FrankaSettings(
         address=a.address, translational_stiffness=a.translational_stiffness, rotational_stiffness=a.rotational_stiffness,
         damping_ratio=a.damping_ratio, max_pos_error=a.max_pos_error, max_rot_error=a.max_rot_error,
-        home_qpos=a.home_qpos, target_period=1.0 / cfg.rates.policy_hz), cfg.safety_limits())
+        home_qpos=a.home_qpos, ee_transform=a.ee_transform, target_period=1.0 / cfg.rates.policy_hz,
+        rt_priority=a.rt_priority),
+        cfg.safety_limits())
 
 
 ARM_BACKENDS = {  # backend name -> opener(hardware config, sim link directory)

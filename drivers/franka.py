@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +25,9 @@ from scipy.spatial.transform import Rotation
 from robot_rl.geometry import rot_to_quat
 
 STATE_PERIOD = 0.01  # state to the node at 100 Hz
-MAX_TORQUE_RATE = 1.0  # Nm per 1 ms cycle (libfranka's limitRate bound is 1000 Nm/s)
+# franka::limitRate for torques: at most (kMaxTorqueRate - kLimitEps) = 999.999 Nm/s over one 1 ms cycle,
+# judged, as the robot judges it, from the torque the robot reports as last commanded (state.tau_J_d)
+TORQUE_STEP = (1000.0 - 1e-3) * 1e-3
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,10 @@ class FrankaSettings:
     max_rot_error: float = 0.05
     home_qpos: tuple[float, ...] = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
     home_duration: float = 4.0
+    ee_transform: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)  # NE_T_EE: xyz + quaternion wxyz
     target_period: float = 0.1
     realtime: bool = False  # RealtimeConfig.kEnforce needs a PREEMPT_RT kernel; kIgnore otherwise
+    rt_priority: int = 0  # SCHED_FIFO priority of the control process (0: normal scheduling)
 
 
 def _pose(o_t_ee) -> np.ndarray:
@@ -57,9 +62,9 @@ class _Controller:
         self.D = 2.0 * s.damping_ratio * np.sqrt(self.K)
         self.targets = TargetQueue(limits, s.target_period)
         self.ref: np.ndarray | None = None
-        self.tau_prev = np.zeros(7)
         self.home_from: np.ndarray | None = None
         self.home_t0 = 0.0
+        self.homed = 0  # homing moves completed (the node waits for this count to grow after /arm/home)
 
     def hold(self, pose: np.ndarray) -> None:
         self.targets.clear()
@@ -77,8 +82,10 @@ class _Controller:
             blend = 10 * a**3 - 15 * a**4 + 6 * a**5
             q_ref = self.home_from + blend * (np.asarray(self.s.home_qpos) - self.home_from)
             tau = 300.0 * (q_ref - q) - 2.0 * np.sqrt(300.0) * dq + coriolis
-            if a >= 1.0 and np.linalg.norm(dq) < 0.01:
+            # ended: still at home, or one second past the move (a jittery host never reads the joints still)
+            if a >= 1.0 and (np.linalg.norm(dq) < 0.01 or now - self.home_t0 > self.s.home_duration + 1.0):
                 self.hold(pose)
+                self.homed += 1
         else:
             if self.targets.stale(now):
                 self.hold(pose)
@@ -98,21 +105,33 @@ class _Controller:
             null = np.eye(7) - j.T @ j_pinv.T
             k_ns = self.s.nullspace_stiffness
             tau += null @ (k_ns * (np.asarray(self.s.home_qpos) - q) - 2.0 * np.sqrt(k_ns) * dq)
-        tau = self.tau_prev + np.clip(tau - self.tau_prev, -MAX_TORQUE_RATE, MAX_TORQUE_RATE)
-        self.tau_prev = tau
-        return tau
+        # against the robot's own reference, not this loop's previous output: after a command lost on the
+        # way (a busy host) the two differ, and a step from ours would be a discontinuity from the robot's
+        last = np.asarray(state.tau_J_d)
+        return last + np.clip(tau - last, -TORQUE_STEP, TORQUE_STEP)
 
 
 def _control_process(settings: dict, limits: dict, conn) -> None:
     """The 1 kHz loop. Messages in: target / hold / home / recover / stop. Out: state at 100 Hz."""
+    import signal
+
     import pylibfranka as pf
 
+    from robot_rl.nodes.common import set_realtime_priority
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops this loop ("stop")
     s = FrankaSettings(**settings)
+    if s.rt_priority > 0 and (note := set_realtime_priority(s.rt_priority)):
+        print(f"franka control loop: {note}", file=sys.stderr, flush=True)  # (the node's log)
     lim = SafetyLimits(**{k: tuple(v) if isinstance(v, list) else v for k, v in limits.items()})
     ctl = _Controller(s, lim)
     try:
         robot = pf.Robot(s.address, pf.RealtimeConfig.kEnforce if s.realtime else pf.RealtimeConfig.kIgnore)
         robot.set_collision_behavior([40.0] * 7, [80.0] * 7, [40.0] * 6, [80.0] * 6)
+        ne_t_ee = np.eye(4)
+        ne_t_ee[:3, :3] = Rotation.from_quat(s.ee_transform[3:], scalar_first=True).as_matrix()
+        ne_t_ee[:3, 3] = s.ee_transform[:3]
+        robot.set_EE(ne_t_ee.T.flatten().tolist())  # column-major; O_T_EE and the Jacobian follow it
         model = robot.load_model()
     except Exception as e:  # noqa: BLE001 - any connection failure is reported to the node, one line
         conn.send_bytes(json.dumps({"op": "fatal", "error": f"franka: cannot connect to {s.address}: {e}"}).encode())
@@ -149,7 +168,6 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
                         robot.automatic_error_recovery()
                         error = ""
                         ctl.hold(_pose(state.O_T_EE))
-                        ctl.tau_prev = np.zeros(7)
                         raise _Restart
                     elif op == "stop":
                         running = False
@@ -162,6 +180,7 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
                         "ee": _pose(state.O_T_EE).tolist(), "target": (ctl.ref if ctl.ref is not None
                                                                        else _pose(state.O_T_EE)).tolist(),
                         "holding": not ctl.targets.queue, "error": error,
+                        "homing": ctl.home_from is not None, "homed": ctl.homed,
                         "refused": ctl.targets.refused, "stale_holds": ctl.targets.stale_holds}).encode())
         except _Restart:
             continue
@@ -249,7 +268,8 @@ class FrankaArm:
                 continue
             self.error = msg["error"]
             return ArmState(msg["t"], np.asarray(msg["q"]), np.asarray(msg["dq"]), np.asarray(msg["ee"]),
-                            float(self._gripper_width), np.asarray(msg["target"]), msg["holding"], msg["error"])
+                            float(self._gripper_width), np.asarray(msg["target"]), msg["holding"], msg["error"],
+                            msg["homing"], msg["homed"])
         if not self.proc.is_alive():
             raise ConnectionError("franka: the control process has exited")
         return None

@@ -78,7 +78,9 @@ def check_target(target: np.ndarray, previous: np.ndarray, dt: float, limits: Sa
     dp = t[:3] - previous[:3]
     max_dp = limits.max_speed * dt
     if (d := np.linalg.norm(dp)) > max_dp:
-        out[:3] = previous[:3] + dp * (max_dp / d)
+        # from a measured pose just outside the box (an overshoot at its face) the shortened step can
+        # stop outside it: kept inside, moving towards the (inside) target
+        out[:3] = np.clip(previous[:3] + dp * (max_dp / d), lo, hi)
         limited = True
     r_prev = quat_to_rot(previous[3:])
     dr = (rot * r_prev.inv()).as_rotvec()

@@ -5,6 +5,12 @@ A delta composes on the *commanded* target (`target_k = clip(target_{k-1} ∘ Δ
 the measured pose at episode start and whenever control changes hands. Action k of a chunk observed
 at t_obs is stamped t_obs + (k+1)·dt; a target whose time has passed is composed but not sent
 (skipped, never shifted).
+
+Overlapping chunks (planned ahead): by default the newer chunk's targets replace the older one's tail.
+With `ensemble_decay` = m ≥ 0, temporal ensembling (ACT, Zhao et al. 2023): every target time is the
+weighted mean of all chunks' predictions for it, prediction i (0 = the oldest) weighted exp(-m·i) —
+positions and gripper averaged, rotations interpolated on SO(3). The chunk's own deltas still chain
+on its own predictions; what is sent (and what a later chunk starts from) is the ensembled target.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robot_rl.drivers.safety import stamp_problem
-from robot_rl.geometry import apply_delta
+from robot_rl.geometry import apply_delta, quat_to_rot, rot_to_quat
 
 MAX_STEP_M = 1.0  # a delta longer than this per policy step is garbage, not an action
 
@@ -44,15 +50,38 @@ class ChunkExecutor:
     late: int = 0  # targets skipped because their time had passed (deadline misses)
     composed: int = 0  # targets composed in all
     chunks: int = 0
-    history: deque = field(default_factory=lambda: deque(maxlen=64))  # (stamp, target) composed so far
+    ensembled: int = 0  # targets blended from more than one chunk's prediction
+    ensemble_decay: float | None = None  # None: a newer chunk replaces the tail; m >= 0: temporal ensembling
+    history: deque = field(default_factory=lambda: deque(maxlen=64))  # (stamp, target, gripper, weight, n)
+
+    def __post_init__(self):
+        if self.ensemble_decay is not None and not (np.isfinite(self.ensemble_decay) and self.ensemble_decay >= 0):
+            raise ValueError(f"executor: ensemble_decay {self.ensemble_decay} must be a finite number >= 0 "
+                             "(or None: no temporal ensembling)")
 
     def _base(self, t_obs: float) -> np.ndarray:
         """The commanded target at the observation time: a chunk planned ahead (before the previous one
         ran out) composes from there, and its targets replace the previous chunk's tail."""
-        for stamp, target in reversed(self.history):
+        for stamp, target, *_ in reversed(self.history):
             if stamp <= t_obs + 1e-9:
                 return target.copy()
         return self.target.copy()
+
+    def _ensemble(self, earlier: dict, stamp: float, target: np.ndarray, gripper: float | None):
+        """This chunk's prediction for `stamp` blended into the earlier chunks' (ensembled) one."""
+        if stamp not in earlier:
+            return target, gripper, 1.0, 1
+        old, old_g, weight, n = earlier[stamp]
+        w = float(np.exp(-self.ensemble_decay * n))
+        a = w / (weight + w)
+        out = target.copy()
+        out[:3] = (1 - a) * old[:3] + a * target[:3]
+        r_old = quat_to_rot(old[3:])
+        out[3:] = rot_to_quat(r_old * (r_old.inv() * quat_to_rot(target[3:])) ** a)
+        if gripper is not None and old_g is not None:
+            gripper = (1 - a) * old_g + a * gripper
+        self.ensembled += 1
+        return out, gripper, weight + w, n + 1
 
     def reset(self, measured_pose: np.ndarray) -> None:
         """Control (re)starts here: the commanded target is the measured pose."""
@@ -66,18 +95,29 @@ class ChunkExecutor:
             raise RuntimeError("executor: no measured pose yet (reset() at episode start)")
         out = []
         lo, hi = np.asarray(self.workspace_low), np.asarray(self.workspace_high)
-        self.target = self._base(t_obs)
+        chain = self._base(t_obs)
+        earlier = {}  # the previous chunks' targets after t_obs: replaced, or ensembled with this chunk's
         while self.history and self.history[-1][0] > t_obs + 1e-9:
-            self.history.pop()  # replaced by this chunk
+            entry = self.history.pop()
+            earlier[round(entry[0], 6)] = entry[1:]
         for k, (dpos, drot, gripper) in enumerate(deltas):
-            self.target = apply_delta(self.target, dpos, drot)
-            self.target[:3] = np.clip(self.target[:3], lo, hi)
+            chain = apply_delta(chain, dpos, drot)
+            chain[:3] = np.clip(chain[:3], lo, hi)
             stamp = t_obs + (k + 1) * self.dt
-            self.history.append((stamp, self.target.copy()))
+            target, g, weight, n = (chain.copy(), gripper, 1.0, 1) if self.ensemble_decay is None else \
+                self._ensemble(earlier, round(stamp, 6), chain, gripper)
+            self.history.append((stamp, target, g, weight, n))
+            earlier.pop(round(stamp, 6), None)
+            self.target = target
             self.composed += 1
             if stamp <= now:
                 self.late += 1
                 continue
-            out.append((stamp, self.target.copy(), gripper))
+            out.append((stamp, target.copy(), g))
+        if self.ensemble_decay is not None:  # an earlier chunk reaching further than this one: its tail stays
+            for stamp, entry in sorted(earlier.items()):
+                self.history.append((stamp, *entry))
+                if stamp > now:
+                    out.append((stamp, entry[0].copy(), entry[1]))
         self.chunks += 1
         return out

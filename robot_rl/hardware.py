@@ -48,6 +48,13 @@ class ArmSection:
     max_pos_error: float = 0.03  # m: the controller clips its reference this close to the measured pose
     max_rot_error: float = 0.3  # rad
     state_hz: float = 100.0
+    # franka: the policy's end-effector frame in the Franka's nominal EE frame (libfranka NE_T_EE, set with
+    # Robot.set_EE; Desk's end-effector settings give F_T_NE): xyz (m) + quaternion wxyz. Policies trained in
+    # the sim read the sim's `pinch` frame: set this so that the measured ee_pose is that frame.
+    ee_transform: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    # franka: SCHED_FIFO priority of the 1 kHz control loop (0: normal scheduling). libfranka aborts a motion
+    # after 20 lost command cycles: a loop at normal priority starves beside a learner or a busy graph.
+    rt_priority: int = 80
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,10 @@ class TeleopSection:
     release_after_s: float = 0.5  # control taken by motion goes back after this long without motion
     key_timeout_s: float = 0.6  # keyboard: an axis stops this long after its key stopped repeating
     watchdog_ms: float = 100.0  # mux: a twist older than this is not integrated (the target holds)
+    # mux: a teleop target is stamped this far past the measured pose that made it. It must cover the
+    # hops to the arm (mux → safety filter → arm_node): a target that arrives after its time is dropped
+    # as late, never shifted — at one command period (10 ms) a loaded host dropped most of them
+    lead_ms: float = 50.0
     keyboard: DeviceMapping = field(default_factory=lambda: DeviceMapping(deadband=0.0, max_linear=0.05))
     spacemouse: DeviceMapping = field(default_factory=DeviceMapping)
     spacenav: DeviceMapping = field(default_factory=DeviceMapping)
@@ -110,6 +121,17 @@ class TeleopSection:
 
     def mapping(self) -> DeviceMapping:
         return getattr(self, self.device)
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    """A robot cell's own reward, for unattended episodes (RL fine-tuning on hardware): the episode
+    manager computes it from the measured pose. `reach`: success within `tolerance` (m) of `goal`,
+    reward success − distance (the sim's `reach_point` task, whose `goal` must be the same point)."""
+
+    kind: str = "none"  # none (the operator says success) | reach
+    goal: tuple[float, float, float] = (0.5, 0.1, 0.25)
+    tolerance: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,7 @@ class HardwareConfig:
     cameras: tuple[CameraSection, ...] = ()
     ft: FTSection = field(default_factory=FTSection)
     teleop: TeleopSection = field(default_factory=TeleopSection)
+    reward: RewardSection = field(default_factory=RewardSection)
     transport: TransportSection = field(default_factory=TransportSection)
     source: str = ""
 
@@ -172,7 +195,7 @@ class HardwareConfig:
             "sim_world": {"sim": self.sim, "safety": self.safety, "rates": self.rates},
             "arm_node": {"arm": self.arm, "safety": self.safety, "rates": self.rates},
             "ft_node": {"ft": self.ft},
-            "episode_manager": {"sim": self.sim},
+            "episode_manager": {"sim": self.sim, "reward": self.reward},
             "teleop_node": {"teleop": self.teleop},
             "intervention_mux": {"teleop": self.teleop},
             "web_console": {"teleop": self.teleop},
@@ -290,7 +313,8 @@ def _check(cfg: HardwareConfig) -> None:
                "ft.backend": (cfg.ft.backend, ("mujoco", "netft", "robotiq_ft300")),
                "sim.mode": (cfg.sim.mode, ("realtime", "lockstep")),
                "teleop.device": (cfg.teleop.device, ("keyboard", "spacemouse", "spacenav", "joy", "web")),
-               "teleop.engage": (cfg.teleop.engage, ("button", "motion", "both"))}
+               "teleop.engage": (cfg.teleop.engage, ("button", "motion", "both")),
+               "reward.kind": (cfg.reward.kind, ("none", "reach"))}
     choices.update({f"cameras.{c.name}.backend": (c.backend, ("mujoco", "opencv", "realsense")) for c in cfg.cameras})
     for where, (value, allowed) in choices.items():
         if value not in allowed:
@@ -302,8 +326,16 @@ def _check(cfg: HardwareConfig) -> None:
         raise HardwareConfigError(f"{src}: 'arm.address' is empty; set the Franka's FCI address")
     if len({c.name for c in cfg.cameras}) != len(cfg.cameras):
         raise HardwareConfigError(f"{src}: camera names must be unique")
+    if len(cfg.arm.ee_transform) != 7 or abs(float(np.linalg.norm(cfg.arm.ee_transform[3:])) - 1.0) > 1e-3:
+        raise HardwareConfigError(f"{src}: 'arm.ee_transform' needs xyz + a unit quaternion wxyz (7 values), "
+                                  f"got {list(cfg.arm.ee_transform)}")
     if len(cfg.arm.home_qpos) != 7 or len(cfg.arm.joint_lower) != 7 or len(cfg.arm.joint_upper) != 7:
         raise HardwareConfigError(f"{src}: 'arm.home_qpos', 'arm.joint_lower' and 'arm.joint_upper' need 7 values")
+    if not 0 <= cfg.arm.rt_priority <= 99:
+        raise HardwareConfigError(f"{src}: 'arm.rt_priority' is {cfg.arm.rt_priority}; SCHED_FIFO priorities are 1..99 "
+                                  "(0: normal scheduling)")
+    if not 0.0 < cfg.teleop.lead_ms <= 1000.0:
+        raise HardwareConfigError(f"{src}: 'teleop.lead_ms' is {cfg.teleop.lead_ms:g}; it must be in (0, 1000] ms")
     try:
         cfg.safety_limits()
     except ValueError as e:

@@ -7,6 +7,8 @@ Supported subset (anything else is refused with one clear line):
   node(pkg, exec, name, namespace, output, on_exit, respawn, respawn_delay, args) with children
       param(name, value | from) · remap(from, to) · env(name, value)
   executable(cmd, name, cwd, output, on_exit) with env children
+  group(scoped) holding actions · push_ros_namespace(namespace) · set_remap(from, to): several cells
+      from one file, each in its namespace (tags may be spelled with '-' or '_')
   substitutions: $(var NAME) · $(env NAME [DEFAULT]) · $(find-pkg-share PKG) · $(dirname)
 `pkg`/`exec` resolve through the `robot_rl.nodes` entry points (robot_rl) or the ament index
 (lib/<pkg>/<exec> under AMENT_PREFIX_PATH). A node with `on_exit: shutdown` is required: when it
@@ -35,8 +37,12 @@ from pathlib import Path
 
 import yaml
 
+ACTIONS = {"arg", "let", "set_env", "node", "executable", "include", "group", "push_ros_namespace", "set_remap"}
 SCHEMA: dict[str, tuple[set[str], set[str]]] = {  # tag -> (attributes, child tags)
-    "launch": (set(), {"arg", "let", "set_env", "node", "executable", "include"}),
+    "launch": (set(), ACTIONS),
+    "group": ({"scoped"}, ACTIONS),
+    "push_ros_namespace": ({"namespace"}, set()),
+    "set_remap": ({"from", "to"}, set()),
     "include": ({"file"}, {"arg"}),
     "arg": ({"name", "default", "description", "value"}, set()),
     "let": ({"name", "value"}, set()),
@@ -49,7 +55,7 @@ SCHEMA: dict[str, tuple[set[str], set[str]]] = {  # tag -> (attributes, child ta
     "env": ({"name", "value"}, set()),
 }
 REQUIRED_ATTRS = {"include": {"file"}, "arg": {"name"}, "let": {"name", "value"}, "set_env": {"name", "value"},
-                  "node": {"pkg", "exec"},
+                  "node": {"pkg", "exec"}, "push_ros_namespace": {"namespace"}, "set_remap": {"from", "to"},
                   "executable": {"cmd"}, "remap": {"from", "to"}, "env": {"name", "value"}}
 ENTRY_POINT_GROUP = "robot_rl.nodes"
 _SUBST = re.compile(r"\$\(([a-z-]+)((?:\s+[^)\s]+)*)\s*\)")
@@ -67,14 +73,30 @@ class Entity:
 
 
 # ---- parsing ------------------------------------------------------------------------------------
+def _yaml_actions(items, src: str, where: str) -> list[Entity]:
+    """A list of one-key mappings (`- node: {...}`): the actions under `launch` or a group's `children`."""
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise LaunchError(f"{src}: each action under '{where}' is a one-key mapping, got {item!r}")
+        (tag, body), = item.items()
+        out.append(_yaml_entity(tag, body, src))
+    return out
+
+
 def _yaml_entity(tag: str, body, src: str) -> Entity:
+    tag = tag.replace("-", "_")
     if body is None:
         body = {}
+    if isinstance(body, list) and tag == "group":  # `- group: [actions]`
+        body = {"children": body}
     if not isinstance(body, dict):
         raise LaunchError(f"{src}: '{tag}' must be a mapping of attributes")
     attrs, children = {}, []
     for k, v in body.items():
-        if isinstance(v, list):
+        if k == "children" and isinstance(v, list):
+            children += _yaml_actions(v, src, f"{tag}/children")
+        elif isinstance(v, list):
             children += [_yaml_entity(k, item, src) for item in v]
         else:
             attrs[k] = "true" if v is True else "false" if v is False else str(v)
@@ -88,15 +110,10 @@ def parse(path: Path) -> Entity:
             doc = yaml.safe_load(path.read_text())
             if not isinstance(doc, dict) or set(doc) != {"launch"} or not isinstance(doc["launch"], list):
                 raise LaunchError(f"{src}: a YAML launch file is one key 'launch' holding a list of actions")
-            root = Entity("launch", {})
-            for item in doc["launch"]:
-                if not isinstance(item, dict) or len(item) != 1:
-                    raise LaunchError(f"{src}: each action under 'launch' is a one-key mapping, got {item!r}")
-                (tag, body), = item.items()
-                root.children.append(_yaml_entity(tag, body, src))
+            root = Entity("launch", {}, _yaml_actions(doc["launch"], src, "launch"))
         elif path.suffix == ".xml":
             def conv(e: ET.Element) -> Entity:
-                return Entity(e.tag, dict(e.attrib), [conv(c) for c in e])
+                return Entity(e.tag.replace("-", "_"), dict(e.attrib), [conv(c) for c in e])
             root = conv(ET.parse(path).getroot())
         else:
             raise LaunchError(f"{src}: launch files are .xml or .yaml")
@@ -192,18 +209,47 @@ def resolve_exec(pkg: str, exe: str, src: str) -> list[str]:
     return [str(path)]
 
 
-def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None = None) -> list[Process]:
+@dataclass
+class Scope:
+    """What actions see: launch arguments, environment, the pushed namespace and global remaps. A
+    scoped group works on a copy, so what it sets ends with it."""
+    variables: dict[str, str]
+    env: dict[str, str]
+    ns: str = ""
+    remaps: list[tuple[str, str]] = field(default_factory=list)
+
+    def copy(self, variables: dict[str, str] | None = None) -> Scope:
+        return Scope(dict(self.variables if variables is None else variables), dict(self.env), self.ns, list(self.remaps))
+
+
+def _join_ns(outer: str, inner: str) -> str:
+    inner = inner.strip()
+    if inner.startswith("/"):
+        return inner.rstrip("/") or "/"
+    return "/" + "/".join(p for p in (outer.strip("/"), inner.strip("/")) if p)
+
+
+def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None = None,
+         scope: Scope | None = None) -> list[Process]:
     """Resolve a launch file into the processes to start, in order."""
     src = str(path)
     root = parse(path)
-    variables: dict[str, str] = {}
     declared = [c.attrs["name"] for c in root.children if c.tag == "arg"]
     unknown = set(cli_args) - set(declared)
     if unknown:
         raise LaunchError(f"{src}: unknown launch argument(s) {sorted(unknown)}; arguments: {declared}")
-    env = dict(os.environ if base_env is None else base_env)
-    procs: list[Process] = []
-    for e in root.children:
+    if scope is None:
+        scope = Scope({}, dict(os.environ if base_env is None else base_env))
+    return _actions(root.children, src, cli_args, scope)
+
+
+def _actions(children: list[Entity], src: str, cli_args: dict[str, str], scope: Scope) -> list[Process]:
+    variables, procs = scope.variables, []
+    for e in children:
+        if e.tag == "group":  # its children are substituted as they come (after its own push / let)
+            inner = scope.copy() if e.attrs.get("scoped", "true") != "false" else scope
+            procs += _actions(e.children, src, cli_args, inner)
+            continue
         a = {k: substitute(v, variables, src) for k, v in e.attrs.items()}
         if e.tag == "arg":
             if a["name"] in cli_args:
@@ -216,12 +262,17 @@ def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None =
         elif e.tag == "let":
             variables[a["name"]] = a["value"]
         elif e.tag == "set_env":
-            env[a["name"]] = a["value"]
+            scope.env[a["name"]] = a["value"]
+        elif e.tag == "push_ros_namespace":
+            scope.ns = _join_ns(scope.ns, a["namespace"])
+        elif e.tag == "set_remap":
+            scope.remaps.append((a["from"], a["to"]))
         elif e.tag == "include":
             inner = {c.attrs["name"]: substitute(c.attrs["value"], variables, src) for c in e.children}
-            procs += plan(Path(a["file"]), inner, env)  # relative to the working directory, as in ros2 launch
+            # relative to the working directory, as in ros2 launch; the namespace and remaps carry in
+            procs += plan(Path(a["file"]), inner, scope=scope.copy(variables={}))
         else:
-            penv = dict(env)
+            penv = dict(scope.env)
             for c in e.children:
                 if c.tag == "env":
                     penv[c.attrs["name"]] = substitute(c.attrs["value"], variables, src)
@@ -231,7 +282,10 @@ def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None =
             else:
                 cmd = resolve_exec(a["pkg"], a["exec"], src) + shlex.split(a.get("args", ""))
                 name = a.get("name", a["exec"])
-                cmd += _ros_args(e, a, variables, src)
+                ns = _join_ns(scope.ns, a["namespace"]) if "namespace" in a else scope.ns
+                cmd += _ros_args(e, a, ns, scope.remaps, variables, src)
+                if ns.strip("/"):
+                    name = f"{ns.strip('/')}/{name}"  # unique among the launched processes
             respawn = None
             if a.get("respawn", "false") == "true":
                 try:
@@ -243,12 +297,15 @@ def plan(path: Path, cli_args: dict[str, str], base_env: dict[str, str] | None =
     return procs
 
 
-def _ros_args(e: Entity, a: dict[str, str], variables: dict[str, str], src: str) -> list[str]:
+def _ros_args(e: Entity, a: dict[str, str], ns: str, remaps: list[tuple[str, str]], variables: dict[str, str],
+              src: str) -> list[str]:
     out = ["--ros-args"]
     if "name" in a:
         out += ["-r", f"__node:={a['name']}"]
-    if "namespace" in a:
-        out += ["-r", f"__ns:={a['namespace'] if a['namespace'].startswith('/') else '/' + a['namespace']}"]
+    if ns.strip("/"):
+        out += ["-r", f"__ns:={ns}"]
+    for frm, to in remaps:  # set_remap's, before the node's own (as launch_ros orders them)
+        out += ["-r", f"{frm}:={to}"]
     for c in e.children:
         ca = {k: substitute(v, variables, src) for k, v in c.attrs.items()}
         if c.tag == "remap":

@@ -195,13 +195,31 @@ def finetune_config(cfg: DictConfig):
     keys = ("reward", "gamma", "extraction", "beta", "max_weight", "q_weight", "batch_size", "critic_lr", "policy_lr",
             "critic_steps", "policy_steps", "gate_every", "gate_threshold", "redistill_steps", "rounds",
             "episodes_per_round", "max_env_steps", "explore_std", "select_n", "utd", "policy_every", "demo_ratio",
-            "warm_start", "eval_episodes", "eval_every", "reward_classifier", "operator")
+            "warm_start", "eval_episodes", "eval_every", "reward_classifier", "operator", "learner_threads")
     try:
         return FinetuneConfig(**{k: f[k] for k in keys}, critic={"q_loss": str(f.q_loss)}, seed=int(cfg.seed),
                               device=str(cfg.device), eval_seed=int(cfg.train.eval_seed),
                               sampler=str(cfg.sampler) if cfg.sampler else None)
     except ValueError as e:
         raise LearnError(f"finetune: {e}") from None
+
+
+def _check_cell_reward(hw, task: str, setup: dict) -> None:
+    """On a robot cell the episodes run unattended only with the cell's own reward, and it must score
+    the task the policy learnt (the same point)."""
+    import numpy as np
+
+    if hw.is_sim:
+        return
+    r = hw.reward
+    if r.kind == "none":
+        raise LearnError(f"finetune actor=ros on the real cell '{hw.source}' needs the cell's own reward for "
+                         "unattended episodes: add `reward: {kind: reach, goal: [x, y, z]}` to its hardware config")
+    goal = setup.get("goal")
+    if goal is None or task != "reach_point" or not np.allclose(np.asarray(list(goal), float), r.goal, atol=1e-6):
+        raise LearnError(f"the cell's reward ({r.kind} to {list(r.goal)}) does not score task '{task}'"
+                         f"{' to ' + str(list(goal)) if goal is not None else ''}: fine-tune a reach_point policy "
+                         "whose task.goal is the cell's reward.goal")
 
 
 def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -> int:
@@ -219,13 +237,12 @@ def cmd_finetune(cfg: DictConfig, positional: str | None, console, task_setup) -
         raise LearnError(f"finetune mode '{mode}' is not online or offline")
     if cfg.finetune.actor not in ("sim", "ros"):
         raise LearnError(f"finetune actor '{cfg.finetune.actor}' is not sim or ros")
-    if cfg.finetune.actor == "ros" and not load_hardware_config(cfg.hardware_config).is_sim:
-        raise LearnError(f"finetune actor=ros drives sim episodes; '{cfg.hardware_config}' is a real cell, and "
-                         "fine-tuning on hardware is not built yet (use a sim hardware config)")
     pcfg = read_config(ckpt)
     name, setup = task_setup(cfg)
     if pcfg.get("task") and pcfg["task"] != name:  # the task the checkpoint was trained on
         name, setup = pcfg["task"], task_setup_for(pcfg["task"])
+    if cfg.finetune.actor == "ros":
+        _check_cell_reward(load_hardware_config(cfg.hardware_config), name, setup)
     make = env_factory(name, setup, pcfg["spec_subset"])
     fcfg = finetune_config(cfg)
     stores = _stores(cfg, None) if cfg.store else [str(s) for s in pcfg.get("stores", [])]

@@ -168,12 +168,13 @@ def _wait_key(g: Graph, read_keys, keys: KeyPipe | None, wanted: str, done_elsew
 
 def _drive(g: Graph, device, op, waypoints, seen: dict, state: dict, t_end: float) -> str:
     """The scripted operator on a device (keyboard or web joystick): waypoint after waypoint, toggling
-    the gripper where the expert did; 'success' once the task reports it, 'failure' when the
-    episode's time is up."""
+    the gripper where the expert did; 'success' once the task reports it and the path is finished (a
+    demonstration ends at its goal, not on the task's success threshold), 'failure' when the
+    episode's time is up without success."""
     i = 0
     while True:
         _spin_for(g, 0.05)
-        if state.get("success") or seen["t"] >= t_end or state.get("failed"):
+        if (state.get("success") and i >= len(waypoints)) or seen["t"] >= t_end or state.get("failed"):
             device.halt()
             return "success" if state.get("success") else "failure"
         if seen["pose"] is None or i >= len(waypoints):

@@ -6,7 +6,8 @@ the graph aligned to step times `t_k = t_0 + k·dt`.
   that key — counted and reported, never silent.
 - **executed action** of step k: the delta from the commanded target in force at `t_k` to the one in
   force at `t_{k+1}` (the newest target sent to the arm stamped at or before that time; the
-  commanded target starts at the measured pose), as the normalised ee_delta action of the task
+  commanded target starts at the measured pose, and a safety hold makes the measured pose at its
+  time the commanded target), as the normalised ee_delta action of the task
   (`robot_rl.geometry.delta_to_action`, the inverse of what the env and the executor apply), so a
   replay through `env.step` follows the same targets.
 - **proposed action**: the same from the policy's targets (`policy/target`), NaN where the policy
@@ -78,6 +79,14 @@ class StepAssembler:
         while buf and buf[-1][0] >= stamp - 1e-9:  # a newer plan replaces the overlapping tail (as the arm does)
             buf.pop()
         buf.append((stamp, (np.asarray(pose, dtype=np.float64), gripper)))
+
+    def add_hold(self, stamp: float) -> None:
+        """The arm was told to hold its measured pose at `stamp` (safety filter): from then on that pose
+        is the commanded target, and the next plan starts from it — not from the target it cut short."""
+        poses = self.obs.get("state.ee_pose")
+        if poses:
+            hit = _at_or_before(poses, stamp) or poses[0]
+            self.add_target(stamp, hit[1], None, executed=True)
 
     def add_flag(self, stamp: float, human: bool) -> None:
         self.flags.append((stamp, bool(human)))

@@ -209,26 +209,39 @@ class HilSession:
 
 
 class EpisodeRunner:
-    """Sim episodes through the graph's episode manager, one after another: reset, start, run until
-    success, failure or the task's step budget (sim time), stop; with `hil`, the person (or scripted
-    operator) beside it acts and each episode is stored before the next. Episode k has seed `seed + k`
-    (the sim's launch seed)."""
+    """Episodes through the graph's episode manager, one after another: reset, start, run until
+    success, failure or the task's step budget, stop; with `hil`, the person (or scripted operator)
+    beside it acts and each episode is stored before the next. In sim, time is the sim's `/clock` and
+    episode k has seed `seed + k` (the sim's launch seed). On a robot cell (`home`: its home joint
+    positions) time is the wall clock, the reward is the cell's own (hardware config `reward`), and
+    each episode starts once the reset has brought the arm home and it is still."""
 
-    def __init__(self, g: Graph, task: str, max_steps: int, dt: float, seed: int, hil: HilSession | None = None):
+    def __init__(self, g: Graph, task: str, max_steps: int, dt: float, seed: int, hil: HilSession | None = None,
+                 home: tuple[float, ...] | None = None):
         from diagnostic_msgs.msg import DiagnosticArray
         from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import JointState
         from std_msgs.msg import String
 
         from robot_rl.nodes.common import qos, stamp_to_sec
 
         self.g, self.task, self.max_steps, self.dt, self.seed, self.hil = g, task, max_steps, dt, seed, hil
+        self.home = None if home is None else np.asarray(home, dtype=np.float64)
         self.state: dict = {}
         self.clock = {"t": 0.0}
+        self.joints: JointState | None = None
+        self.arm: dict | None = None  # /arm/status of a robot cell
         self.diagnostics: dict[str, dict[str, str]] = {}  # the newest values per node
         self.results: list[dict] = []
         g.node.create_subscription(String, "episode/state", lambda m: self.state.update(json.loads(m.data)),
                                    qos("latched"))
-        g.node.create_subscription(Clock, "/clock", lambda m: self.clock.update(t=stamp_to_sec(m.clock)), qos("clock"))
+        if self.home is None:
+            g.node.create_subscription(Clock, "/clock", lambda m: self.clock.update(t=stamp_to_sec(m.clock)),
+                                       qos("clock"))
+        else:
+            g.node.create_subscription(JointState, "joint_states", lambda m: setattr(self, "joints", m), qos("state"))
+            g.node.create_subscription(String, "arm/status", lambda m: setattr(self, "arm", json.loads(m.data)),
+                                       qos("latched"))
         g.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self.diagnostics.update(
             {st.name.lstrip("/"): {kv.key: kv.value for kv in st.values} for st in m.status}), 10)
 
@@ -237,9 +250,14 @@ class EpisodeRunner:
 
         g, state, clock, hil, k = self.g, self.state, self.clock, self.hil, len(self.results)
         before = hil.status.get("episodes", 0) + hil.status.get("discarded", 0) if hil else 0
-        g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
+        if self.home is None:
+            g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
+        else:
+            self._reset_home(k)
         g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
         g.spin_until(lambda: state.get("episode") == k and state.get("state") == "running", 30, "running")
+        if self.home is not None:
+            clock["t"] = time.time()  # a robot's stamps are on the wall clock
         t_start, t0 = time.monotonic(), state["t"]
         t_end = t0 + self.max_steps * self.dt
         seen = {"t": clock["t"], "wall": time.monotonic()}
@@ -247,6 +265,8 @@ class EpisodeRunner:
             hil.start_episode(self.task, self.seed + k, t0, self.dt)
 
         def over() -> bool:
+            if self.home is not None:
+                clock["t"] = time.time()
             if hil:
                 hil.tick(clock["t"])
             if clock["t"] != seen["t"]:
@@ -266,6 +286,54 @@ class EpisodeRunner:
         self.results.append({"episode": k, "seed": self.seed + k, "success": success,
                              "sim_s": round(clock["t"] - t0, 2), "wall_s": round(time.monotonic() - t_start, 2)})
         return self.results[-1]
+
+    def _reset_home(self, k: int, attempts: int = 3) -> None:
+        """The reset of a robot cell: the arm's home move must have *ended* (its `homed` count grew)
+        with the joints at home — joints passing near home mid-move, or an arm that was already there
+        when the reset came, start no episode while the move still owns the arm. A home move cut
+        short (a hold from the safety filter wins over it) is asked for again."""
+        from std_srvs.srv import Trigger
+
+        g = self.g
+        g.spin_until(lambda: self.arm is not None, 30, "the arm's /arm/status")
+        homed = self.arm["homed"]
+        for attempt in range(1, attempts + 1):
+            self._arm_ok(k)
+            g.call(Trigger, "episode/reset", Trigger.Request(), f"reset of episode {k}")
+            try:
+                g.spin_until(lambda: (self.arm["homed"] > homed and self._at_home()) or self.arm.get("error"), 60,
+                             f"the arm's home move to end at its home pose (the reset of episode {k})")
+                self._arm_ok(k)
+                return
+            except RunError:
+                if attempt == attempts or self.arm.get("homing"):
+                    raise
+
+    def _arm_ok(self, k: int) -> None:
+        """An arm in error (a reflex, a lost connection) stops the run: recovering is the cell operator's call."""
+        if err := (self.arm or {}).get("error"):
+            raise RunError(f"the arm reports an error before episode {k}: {err} — check the cell, then call "
+                           f"/arm/recover and run again; see {self.g.log_path}")
+
+    def _at_home(self) -> bool:
+        """The measured joints within 0.01 rad of home and still (the reset's move has ended)."""
+        j = self.joints
+        if j is None or len(j.position) < 7 or len(j.velocity) < 7:
+            return False
+        q, dq = np.asarray(j.position[:7]), np.asarray(j.velocity[:7])
+        return bool(np.max(np.abs(q - self.home)) < 0.01 and np.max(np.abs(dq)) < 0.02)
+
+
+def _wait_for_the_policy(g: Graph) -> None:
+    """Episodes start once the policy server has warmed up and is active (a loaded host can take
+    longer than the other nodes: episode 0 would run without a policy, a human's alone)."""
+    from std_msgs.msg import String
+
+    from robot_rl.nodes.common import qos
+
+    info: dict = {}
+    g.node.create_subscription(String, "policy/info", lambda m: info.update(json.loads(m.data)), qos("latched"))
+    g.spin_until(lambda: info.get("active"), 180, "the policy server to warm up and report itself active (policy/info)")
 
 
 def run(cfg: DictConfig, console) -> int:
@@ -301,11 +369,15 @@ def run(cfg: DictConfig, console) -> int:
     if hil:
         args += hil.launch_args()  # sim_hil plans one step ahead itself
     else:  # real time: the next chunk is planned one step early, so it is there before the current one ends
-        args.append(f"plan_ahead:={1 if mode == 'realtime' else 0}")
+        args.append(f"plan_ahead:={cfg.plan_ahead if cfg.get('plan_ahead') is not None else int(mode == 'realtime')}")
+    if cfg.get("ensemble_decay") is not None:
+        args.append(f"ensemble_decay:={float(cfg.ensemble_decay)}")
+    args += [f"precision:={cfg.precision}", f"compile:={cfg.compile or ''}"]
     g = Graph(args, out / "run_launch.log", "robot_rl_run")
     runner = EpisodeRunner(g, task, max_steps, dt, seed, hil)
     results = runner.results
     try:
+        _wait_for_the_policy(g)
         if hil:
             hil.attach(g, console)
         for _ in range(int(cfg.episodes)):

@@ -165,6 +165,16 @@ class FrankaTaskEnv(gym.Env):
     def after_reset(self) -> None:
         """Optional settling with the controller running (e.g. close the gripper on a peg)."""
 
+    def drive_tool_to(self, xyz: np.ndarray, max_step: float = 0.06, steps: int = 12) -> None:
+        """Move the tool to `xyz` under impedance control (a task's start pose), then let it settle."""
+        arm = self.arm
+        for _ in range(steps):
+            tgt = arm.target
+            step = np.asarray(xyz) - tgt[:3]
+            tgt[:3] += step * min(1.0, max_step / max(1e-9, float(np.linalg.norm(step))))
+            arm.run(tgt, 0.05)
+        arm.run(arm.target, 0.15)
+
     def object_poses(self) -> dict[str, np.ndarray]:
         """Privileged poses (xyz + wxyz) by object name."""
         out = {}

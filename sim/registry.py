@@ -31,6 +31,9 @@ TASKS: dict[str, TaskEntry] = {e.name: e for e in (
     TaskEntry("reach_around", "robot_rl/ReachAround-v0", "robot_rl.sim.tasks.reach_around:ReachAroundEnv",
               "robot_rl.sim.tasks.reach_around:ReachAroundExpert",
               "pass a post in front or behind to reach a goal (two solutions)"),
+    TaskEntry("reach_point", "robot_rl/ReachPoint-v0", "robot_rl.sim.tasks.reach_point:ReachPointEnv",
+              "robot_rl.sim.tasks.reach:ReachExpert",
+              "move the tool from a random start to the cell's fixed point (no sim-only key: runs on hardware)"),
 )}
 
 EXTERNAL_EXAMPLES = {

@@ -18,6 +18,12 @@ def franka_sim(tmp_path):
 
 
 @pytest.fixture
+def franka_sim_strict(tmp_path):
+    """franka-sim enforcing the communication constraints and the motion limits (a violation aborts)."""
+    yield from _franka_sim(tmp_path, ["--enforce-comm-constraints", "--enforce-motion-limits"])
+
+
+@pytest.fixture
 def franka_sim_lenient(tmp_path):
     """franka-sim without communication constraints: for whole-graph tests on a loaded 2-core machine."""
     yield from _franka_sim(tmp_path, [])

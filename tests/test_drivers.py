@@ -187,6 +187,9 @@ def test_safety_refuses_nan_workspace_and_tilt_and_shortens_fast_steps():
     assert check_target(yawed, yawed, 0.1, lim).ok, "yaw about the tool axis is not a tilt"
     v = check_target(np.r_[0.6, 0.0, 0.3, DOWN], here, 0.1, lim)  # 10 cm in 0.1 s at 0.2 m/s max
     assert v.ok and v.limited and v.target[0] == pytest.approx(0.52)
+    overshot = np.r_[0.5, lim.workspace_low[1] - 0.002, 0.3, DOWN]  # the arm pressed past the box's face
+    v = check_target(np.r_[0.6, lim.workspace_low[1], 0.3, DOWN], overshot, 0.1, lim)
+    assert v.ok and v.limited and v.target[1] >= lim.workspace_low[1], "a shortened step never leaves the box"
     np.testing.assert_allclose(clip_action(np.array([2.0, -3.0, np.nan, 0.5]), lim), [1.0, -1.0, 0.0, 0.5])
 
 
@@ -276,6 +279,7 @@ def test_shipped_hardware_configs_load_into_spec_hydra_and_ros_params():
     ("name: x\nkind: hardware\narm: {backend: franka, address: 1.2.3.4}\n", "cannot use the mujoco backend"),
     ("name: x\nsafety: {workspace_low: [0, 0, 1], workspace_high: [1, 1, 0.5]}\n", "must be below"),
     ("name: x\ncameras: [{name: a, backend: kinect}]\n", "'cameras.a.backend' is 'kinect'"),
+    ("name: x\narm: {rt_priority: 120}\n", "'arm.rt_priority' is 120; SCHED_FIFO priorities are 1..99"),
     ("- just a list\n", "expected a mapping"),
 ])
 def test_a_wrong_hardware_field_is_one_clear_error(tmp_path, text, match):
@@ -304,8 +308,9 @@ def test_shipped_launch_files_follow_the_supported_schema(name):
 
 @pytest.mark.parametrize("name, args", [
     ("sim_policy.launch.yaml", {"ckpt": "c"}), ("robot_policy.launch.xml", {"ckpt": "c"}),
+    ("sim_fleet.launch.yaml", {"ckpt": "c"}),
     ("sim_hil.launch.yaml", {"ckpt": "c"}), ("sim_teleop.launch.yaml", {"store": "s"}),
-    ("robot_teleop.launch.xml", {"store": "s"})])
+    ("robot_teleop.launch.xml", {"store": "s"}), ("robot_hil.launch.xml", {"ckpt": "c", "store": "s"})])
 def test_every_composed_launch_file_resolves_to_robot_rl_nodes(name, args):
     from pathlib import Path
 
@@ -321,7 +326,8 @@ def test_every_composed_launch_file_resolves_to_robot_rl_nodes(name, args):
 
 
 @pytest.mark.parametrize("text, args, match", [
-    ("launch:\n- group: {scoped: 'true'}\n", {}, "<group> .* is not supported"),
+    ("launch:\n- timer: {period: '1'}\n", {}, "<timer> .* is not supported"),
+    ("launch:\n- group:\n    children:\n    - push_ros_namespace: {}\n", {}, r"missing \['namespace'\]"),
     ("launch:\n- node: {pkg: robot_rl, exec: arm_node, launch_prefix: gdb}\n", {}, "unsupported attribute 'launch_prefix'"),
     ("launch:\n- node: {pkg: robot_rl, exec: teleporter}\n", {}, "no node 'teleporter'"),
     ("launch:\n- arg: {name: a}\n", {}, "launch argument 'a' is required"),
@@ -335,6 +341,30 @@ def test_launch_errors_are_one_line(tmp_path, text, args, match):
     with pytest.raises(LaunchError, match=match) as e:
         plan(f, args)
     assert "\n" not in str(e.value)
+
+
+def test_node_parameters_take_integers_for_reals_and_name_a_wrong_type(monkeypatch):
+    """`-p batch_wait_ms:=20` is a real number to the node; `-p ckpt:=3` for a path is one clear line."""
+    rclpy = pytest.importorskip("rclpy")
+    from rclpy.context import Context
+
+    from robot_rl.nodes.common import declare
+    from tests.helpers.ros import fresh_domain, ros_env
+
+    for k, v in ros_env(fresh_domain()).items():
+        monkeypatch.setenv(k, v)
+    ctx = Context()
+    rclpy.init(args=["n", "--ros-args", "-p", "wait:=20", "-p", "ckpt:=3", "-p", "std:=abc"], context=ctx)
+    node = rclpy.create_node("params", context=ctx)
+    try:
+        assert declare(node, {"wait": 5.0, "other": 0.5}) == {"wait": 20.0, "other": 0.5}
+        with pytest.raises(ValueError, match=r"parameter 'ckpt' must be a str \(like ''\), got '3' \(integer\)"):
+            declare(node, {"ckpt": ""})
+        with pytest.raises(ValueError, match=r"parameter 'std' must be a float \(like 0.0\), got 'abc'"):
+            declare(node, {"std": 0.0})
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
 
 
 def test_a_respawning_node_restarts_unless_it_reports_a_configuration_error(tmp_path, capsys):
@@ -362,6 +392,35 @@ def test_xml_and_yaml_frontends_give_the_same_plan(tmp_path):
     ros_args = a[0].cmd[a[0].cmd.index("--ros-args"):]
     assert ros_args == ["--ros-args", "-r", "__node:=arm", "-r", "__ns:=/r1", "-p", "hardware_config:=franka_panda",
                         "-r", "/arm/target:=/r1/target"]
+
+
+def test_groups_push_namespaces_and_remaps_onto_included_cells(tmp_path):
+    """Two cells from one file: each group pushes its namespace and remaps /clock (each sim its own
+    clock) onto everything it includes; the scope ends with the group. Both frontends agree."""
+    (tmp_path / "cell.launch.yaml").write_text(
+        "launch:\n- arg: {name: hw, default: sim}\n- node: {pkg: robot_rl, exec: arm_node, name: arm}\n"
+        "- node: {pkg: robot_rl, exec: ft_node, name: ft, namespace: sensors}\n")
+    cell = tmp_path / "cell.launch.yaml"
+    (tmp_path / "two.launch.xml").write_text(
+        f'<launch><group><push-ros-namespace namespace="robot_a"/><set_remap from="/clock" to="clock"/>'
+        f'<include file="{cell}"/></group>'
+        f'<group><push_ros_namespace namespace="robot_b"/><include file="{cell}"/></group>'
+        f'<node pkg="robot_rl" exec="policy_server" name="server"/></launch>')
+    (tmp_path / "two.launch.yaml").write_text(
+        f"launch:\n- group:\n    children:\n    - push-ros-namespace: {{namespace: robot_a}}\n"
+        f"    - set_remap: {{from: /clock, to: clock}}\n    - include: {{file: {cell}}}\n"
+        f"- group:\n  - push_ros_namespace: {{namespace: robot_b}}\n  - include: {{file: {cell}}}\n"
+        f"- node: {{pkg: robot_rl, exec: policy_server, name: server}}\n")
+    xml, yml = plan(tmp_path / "two.launch.xml", {}), plan(tmp_path / "two.launch.yaml", {})
+    assert [p.cmd for p in xml] == [p.cmd for p in yml]
+    assert [p.name for p in xml] == ["robot_a/arm", "robot_a/sensors/ft", "robot_b/arm", "robot_b/sensors/ft", "server"]
+
+    def ros_args(p):
+        return p.cmd[p.cmd.index("--ros-args") + 1:]
+    assert ros_args(xml[0]) == ["-r", "__node:=arm", "-r", "__ns:=/robot_a", "-r", "/clock:=clock"]
+    assert ros_args(xml[1])[:4] == ["-r", "__node:=ft", "-r", "__ns:=/robot_a/sensors"]
+    assert ros_args(xml[2]) == ["-r", "__node:=arm", "-r", "__ns:=/robot_b"], "the remap ended with its group"
+    assert ros_args(xml[4]) == ["-r", "__node:=server"], "the namespace ended with its group"
 
 
 # ---- cameras ------------------------------------------------------------------------------------------

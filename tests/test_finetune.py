@@ -207,8 +207,14 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
                   f"finetune.out={tmp_path / 'on'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "on" / "curves.png").exists() and (tmp_path / "on" / "policy" / "config.json").exists()
+    from importlib import resources
+
+    scored = tmp_path / "scored_cell.yaml"  # a robot cell that scores reach_point episodes, not reach ones
+    shipped = resources.files("robot_rl.hardware_configs") / "franka_panda.yaml"
+    scored.write_text(shipped.read_text() + "reward: {kind: reach}\n")
     for args, needle in ((["mode=sideways"], "online or offline"), (["finetune.extraction=ddpg_bc"], "one-step"),
-                         (["finetune.actor=ros", "hardware_config=franka_panda"], "real cell")):
+                         (["finetune.actor=ros", "hardware_config=franka_panda"], "needs the cell's own reward"),
+                         (["finetune.actor=ros", f"hardware_config={scored}"], "does not score task 'reach'")):
         bad = run_cli("finetune", *common, *args, f"finetune.out={tmp_path / 'bad'}")
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
     clf = run_cli("train", "policy=reward_classifier", f"store=[{stores[0]},{stores[1]}]", "train.steps=20",

@@ -1,6 +1,6 @@
 """The `franka` arm backend over the real FCI protocol against `franka-sim` (its own venv, FR3_MJCF
 pointing at the Panda MJCF shipped in gym-hil): connect, read state, hold, move under impedance
-control, fault and recover, disconnect."""
+control, home, fault and recover, disconnect."""
 
 from __future__ import annotations
 
@@ -78,6 +78,16 @@ def test_franka_holds_moves_and_refuses(franka_sim_lenient):
         s3 = _latest(arm)
         assert arm.refusals and "outside the workspace" in arm.refusals[-1]
         assert np.linalg.norm(s3.ee_pose[:3] - s2.ee_pose[:3]) < 0.003
+
+        # /arm/home: the move reports itself (`homing`) and, once it has ended at home, counts (`homed`)
+        assert not s3.homing and s3.homed == 0
+        arm.home()
+        seen_homing, deadline = False, time.monotonic() + 15
+        while (s4 := _latest(arm)).homed == 0 and time.monotonic() < deadline:
+            seen_homing |= s4.homing
+            time.sleep(0.05)
+        assert seen_homing and s4.homed == 1 and not s4.homing
+        assert np.max(np.abs(s4.joint_pos - (0.0, 0.0, 0.0, -1.5708, 0.0, 1.5708, 0.785))) < 0.01
     finally:
         arm.close()
     assert arm.proc.exitcode == 0, "control process did not stop cleanly"

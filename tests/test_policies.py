@@ -78,6 +78,58 @@ def test_each_camera_frame_is_encoded_once():
     assert agent.encoded_frames == 5  # not 2 per plan
 
 
+def _rollout(agents, steps=6):
+    """Each agent's actions over `steps` steps, all agents stepping together (act_batch)."""
+    from robot_rl.learning.evaluate import act_batch
+
+    for k, a in enumerate(agents):
+        a.reset(np.random.default_rng(k))
+    out = []
+    for t in range(steps):
+        obs = [{"state.ee_pose": np.full(7, 0.1 * t + k, np.float32), "image.front": np.full((32, 32, 3), t + 7 * k, np.uint8)}
+               for k in range(len(agents))]
+        out.append(act_batch(agents, obs))
+    return np.array(out)  # (steps, agents, action_dim)
+
+
+def test_robots_planned_in_one_batch_get_the_chunks_they_would_get_alone():
+    """The policy server's batching: a robot's chunk depends on its own window and noise only."""
+    p = tiny_policy(image_keys=("image.front",), cls=ConsistencyPolicy)
+    together = _rollout([ChunkAgent(p, "cm1", n_action_steps=2) for _ in range(3)])
+    alone = _rollout([ChunkAgent(p, "cm1", n_action_steps=2)])
+    np.testing.assert_allclose(together[:, :1], alone, atol=1e-5)
+    assert np.abs(together[:, 0] - together[:, 1]).max() > 1e-3, "robots with other observations act differently"
+    pair = _rollout([ChunkAgent(p, "cm1", n_action_steps=2) for _ in range(2)])  # batches of two instead of three
+    np.testing.assert_allclose(pair, together[:, :2], atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_autocast_stays_close_to_fp32_on_the_cpu(precision):
+    """The GPU half-precision flag, checked on the CPU: same chunks to within half-precision error."""
+    p = tiny_policy(image_keys=("image.front",), cls=ConsistencyPolicy)
+    ref = _rollout([ChunkAgent(p, "cm1", n_action_steps=2)])
+    half = _rollout([ChunkAgent(p, "cm1", n_action_steps=2, precision=precision)])
+    assert 0 < np.abs(half - ref).max() < 0.05, f"{precision} drifts {np.abs(half - ref).max():.3f} from fp32"
+    assert np.isfinite(half).all()
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        ChunkAgent(p, "cm1", precision="fp8")
+
+
+def test_torch_compile_gives_the_eager_chunks_on_the_cpu():
+    """The compile flag (inductor on the CPU here; CUDA graphs with reduce-overhead on a GPU)."""
+    import copy
+
+    from robot_rl.learning.evaluate import accelerate
+
+    p = tiny_policy(image_keys=("image.front",), cls=ConsistencyPolicy)
+    ref = _rollout([ChunkAgent(p, "cm1", n_action_steps=2) for _ in range(2)])
+    compiled = accelerate(copy.deepcopy(p), "default")
+    assert type(compiled.net).__name__ == "OptimizedModule"
+    np.testing.assert_allclose(_rollout([ChunkAgent(compiled, "cm1", n_action_steps=2) for _ in range(2)]), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        accelerate(p, "fast")
+
+
 @pytest.fixture(scope="module")
 def reach_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("reach") / "reach.zarr"

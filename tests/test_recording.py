@@ -55,6 +55,25 @@ def test_a_stream_that_starts_late_does_not_block_the_episode():
     assert steps[0].obs["image.front"][0, 0, 0] == 2  # the oldest frame there is
 
 
+def test_a_hold_makes_the_measured_pose_the_commanded_target():
+    """The arm held its measured pose mid-plan (the targets ran 3 cm ahead of it); the next plan starts
+    from the held pose. Without the hold the step after it would record a jump back to it (clipped)."""
+    obs, asm = assembler()
+    feed_obs(obs, 10.0, 10.5)
+    for i, (t, _) in enumerate(obs["state.ee_pose"]):  # the arm trails its targets: 1 cm per step
+        obs["state.ee_pose"][i] = (t, DOWN + [0.1 * (t - 10.0), 0, 0, 0, 0, 0, 0])
+    ahead = DOWN + [0.03, 0, 0, 0, 0, 0, 0]
+    asm.add_target(10.1, ahead, None)
+    asm.add_target(10.2, ahead + [0.03, 0, 0, 0, 0, 0, 0], None)  # cut short by the hold at 10.15
+    asm.add_hold(10.15)
+    held = DOWN + [0.015, 0, 0, 0, 0, 0, 0]
+    asm.add_target(10.3, held + [0.01, 0, 0, 0, 0, 0, 0], None)  # the next plan, from the held pose
+    steps = asm.ready_steps(measured_until=10.5)
+    assert np.allclose([s.action[0] for s in steps[:3]], [0.6, -0.3, 0.2], atol=1e-5)  # to 3 cm, back to 1.5, on
+    assert asm.clipped == 0
+    # without the hold: step 1 goes on to 6 cm (+0.6), step 2 jumps back from 6 to 2.5 cm (-0.7)
+
+
 def test_executed_actions_replay_to_the_same_targets():
     obs, asm = assembler()
     feed_obs(obs, 10.0, 10.6)
@@ -109,3 +128,23 @@ def test_rlif_reward_and_hil_serl_segments():
     assert intervention_segments(flags) == [(2, 4), (7, 8), (9, 10)]
     assert rlif_rewards(np.array([1, 1], bool)).tolist() == [0, 0]  # human from the start: no takeover
     assert intervention_segments(np.zeros(3, bool)) == [] and rlif_rewards(np.zeros(0, bool)).shape == (0,)
+
+
+def test_the_server_takes_a_sample_that_never_came_from_its_neighbours_within_half_a_step():
+    """A real arm's state stream jitters and drops samples: the policy server's observation at a
+    step time takes the nearest sample within `max_skew` once the stream has moved past that time
+    (none nearer can still come), never before; beyond `max_skew` it has none (the step is skipped)."""
+    import threading
+
+    from robot_rl.nodes.common import ObservationBuffers
+
+    ob = ObservationBuffers.__new__(ObservationBuffers)  # the buffers alone, without a ROS node
+    ob.cond, ob.tol = threading.Condition(), {"state.ee_pose": 0.006}
+    ob.bufs = {"state.ee_pose": deque([(10.0, "a"), (10.013, "b")])}  # the sample due at 10.1 is missing
+    assert ob.at(10.0) == {"state.ee_pose": "a"}
+    assert ob.at(10.02, max_skew=0.05) is None and not ob.moved_past(10.02)  # 10.02's sample may still come
+    ob.bufs["state.ee_pose"].append((10.04, "c"))
+    assert ob.at(10.02) is None  # strict: only within the tolerance
+    assert ob.moved_past(10.02) and ob.at(10.02, max_skew=0.05) == {"state.ee_pose": "b"}  # 7 ms off
+    ob.bufs["state.ee_pose"].append((10.2, "d"))
+    assert ob.at(10.12, max_skew=0.05) is None and ob.moved_past(10.12)  # an 80 ms gap on either side: skipped

@@ -64,18 +64,19 @@ class RdtStreamer(threading.Thread):
                 self.sock.sendto(RDT_RECORD.pack(seq, seq, 0, *WRENCH_COUNTS), client)
 
 
-def _video(path, bgr):
+def video(path, bgr, size=(320, 240)):
+    """A short MJPG file of one colour: an OpenCV camera's device."""
     import cv2
 
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (320, 240))
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, size)
     for _ in range(10):
-        w.write(np.full((240, 320, 3), bgr, np.uint8))
+        w.write(np.full((size[1], size[0], 3), bgr, np.uint8))
     w.release()
 
 
 def test_robot_bringup_with_franka_sim_opencv_cameras_and_a_netft_peer(tmp_path, franka_sim_lenient):
-    _video(tmp_path / "front.avi", (0, 0, 200))  # red in RGB
-    _video(tmp_path / "wrist.avi", (200, 0, 0))  # blue in RGB
+    video(tmp_path / "front.avi", (0, 0, 200))  # red in RGB
+    video(tmp_path / "wrist.avi", (200, 0, 0))  # blue in RGB
     rdt = RdtStreamer()
     rdt.start()
     cell = tmp_path / "cell.yaml"

@@ -189,3 +189,6 @@ def test_teleop_config_per_device_and_overrides(tmp_path):
     bad.write_text("name: cell\nteleop: {device: theremin}\n")
     with pytest.raises(HardwareConfigError, match="teleop.device"):
         load_hardware_config(bad)
+    bad.write_text("name: cell\nteleop: {lead_ms: 0}\n")  # teleop targets due the moment they are made: all late
+    with pytest.raises(HardwareConfigError, match=r"teleop.lead_ms.*\(0, 1000\]"):
+        load_hardware_config(bad)

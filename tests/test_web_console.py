@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test` (extra 'ros')")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is part of `make test` (extra 'dev')")
 
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -68,6 +69,7 @@ def test_browser_sees_the_cameras_takes_over_and_drives_the_arm(tmp_path, browse
             probe.subscribe("/arm/ee_pose", PoseStamped, qos("state"))
             probe.subscribe("/intervention", Header, qos("state"))
             probe.subscribe("/front/image_policy", Image, qos("image"))
+            probe.subscribe("/diagnostics", DiagnosticArray, 50)
             probe.wait_for(lambda: probe.count("/front/image_policy") > 10, 120, "the front camera", proc, log)
             assert probe.call(Trigger, "/episode/reset", Trigger.Request(), timeout=90).success
             assert probe.call(Trigger, "/episode/start", Trigger.Request()).success
@@ -87,9 +89,11 @@ def test_browser_sees_the_cameras_takes_over_and_drives_the_arm(tmp_path, browse
             wait(lambda: browser.find_element(By.ID, "takeover").text == "HAND BACK", 5, "the button to say HAND BACK")
             pad = browser.find_element(By.ID, "pad")
             ActionChains(browser).click_and_hold(pad).move_by_offset(0, -110).pause(2.0).release().perform()  # up: +x
-            time.sleep(1.0)
+            time.sleep(1.5)  # and a fresh round of /diagnostics (1 Hz) to explain a failure
             p1 = msg_to_pose(probe.latest("/arm/ee_pose").pose)[:3]
-            assert 0.02 < p1[0] - p0[0] < 0.25 and abs(p1[1] - p0[1]) < 0.01, (p0, p1)
+            why = {n: probe.diagnostic(n) for n in ("web_console", "intervention_mux", "safety_filter", "arm_node")}
+            why["page"] = browser.find_element(By.ID, "log").text
+            assert 0.02 < p1[0] - p0[0] < 0.25 and abs(p1[1] - p0[1]) < 0.01, (p0, p1, why, log.read_text()[-2000:])
             assert who(probe) == "human"
 
             browser.find_element(By.ID, "takeover").click()

@@ -26,16 +26,39 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")  # reduce-overhead: CUDA graphs on a GPU
+
+
+def accelerate(policy: DiffusionPolicy, compile_mode: str = "") -> DiffusionPolicy:
+    """`torch.compile` the denoising network and each camera's encoder (in place; inference only: the
+    compiled modules' state-dict keys change). '' leaves the policy eager."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode '{compile_mode}' is not one of {list(COMPILE_MODES)} ('' = eager)")
+    if compile_mode:
+        policy.net = torch.compile(policy.net, mode=compile_mode)
+        for key in list(policy.encoder.cams):
+            policy.encoder.cams[key] = torch.compile(policy.encoder.cams[key], mode=compile_mode)
+    return policy
+
+
 class ChunkAgent:
     """Runs a chunked policy step by step: plans a chunk when the queue is empty, executes its first
     `n_action_steps`. `explore_std` > 0 adds Gaussian noise (action units) to every planned chunk
-    (the RL actor's exploration; the executed, clipped actions are what gets recorded)."""
+    (the RL actor's exploration; the executed, clipped actions are what gets recorded).
 
-    def __init__(self, policy: DiffusionPolicy, sampler: str, device: torch.device | str = "cpu",
-                 n_action_steps: int | None = None, explore_std: float = 0.0):
+    `precision` fp16 / bf16 runs the encoder and the denoiser under `torch.autocast` (weights stay
+    fp32; on a GPU, the policy server's half-precision flag). Several agents sharing one policy (one
+    per robot) plan together in one batch: `act_batch`."""
+
+    def __init__(self, policy: DiffusionPolicy, sampler: str, device: torch.device | str | None = None,
+                 n_action_steps: int | None = None, explore_std: float = 0.0, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision '{precision}' is not one of {list(PRECISIONS)}")
         self.policy = policy.eval()
-        self.sampler, self.explore_std = sampler, float(explore_std)
-        self.device = torch.device(device)
+        self.sampler, self.explore_std, self.precision = sampler, float(explore_std), precision
+        # the policy's own device unless told (a policy trained on a GPU is evaluated there)
+        self.device = torch.device(device) if device is not None else next(policy.parameters()).device
         cfg = policy.cfg
         self.n_obs, self.n_act = cfg.n_obs_steps, n_action_steps or cfg.n_action_steps
         self.keys = [*cfg.state_keys, *cfg.image_keys]
@@ -58,6 +81,10 @@ class ChunkAgent:
         for step, obs in self.obs:
             self._encode(step, obs)
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision] or torch.float32,
+                              enabled=self.precision != "fp32")
+
     def _window(self) -> list[tuple[int, dict]]:
         items = list(self.obs)
         while len(items) < self.n_obs:  # episode start: repeat the first observation
@@ -69,21 +96,23 @@ class ChunkAgent:
         """Encode this step's camera frames now, once; later windows reuse the features."""
         for k in self.policy.cfg.image_keys:
             frame = torch.as_tensor(obs[k])[None].to(self.device)
-            self.features[(step, k)] = self.policy.encoder.encode_frames(k, frame)[0]
+            with self.autocast():
+                self.features[(step, k)] = self.policy.encoder.encode_frames(k, frame)[0].float()
             self.encoded_frames += 1
         while len(self.features) > self.n_obs * max(1, len(self.policy.cfg.image_keys)):
             self.features.popitem(last=False)
 
-    @torch.no_grad()
-    def plan(self) -> np.ndarray:
+    def _inputs(self) -> tuple[dict, dict, torch.Tensor]:
+        """This agent's batch row: state window, cached image features, the chunk's initial noise."""
         cfg = self.policy.cfg
         window = self._window()
         batch = {k: torch.as_tensor(np.stack([o[k] for _, o in window]))[None].to(self.device) for k in cfg.state_keys}
         feats = {k: torch.stack([self.features[(step, k)] for step, _ in window])[None] for k in cfg.image_keys}
         noise = torch.randn((1, cfg.horizon, cfg.action_dim), generator=self.generator).to(self.device)
-        cond = self.policy.condition(batch, feats)
-        actions = self.policy.normalizer.unnormalize("action", self.policy.sample_normalized(cond, self.sampler, None, noise))
-        return actions[0].cpu().numpy()
+        return batch, feats, noise
+
+    def plan(self) -> np.ndarray:
+        return plan_batch([self])[0]
 
     def observe(self, obs: dict) -> None:
         """Take in a step's observation without acting (a human drives this step)."""
@@ -91,20 +120,48 @@ class ChunkAgent:
         self._encode(self.t, obs)
         self.t += 1
 
+    def _enqueue(self, chunk: np.ndarray, t0: float) -> None:
+        if self.explore_std > 0:
+            chunk = chunk + self.noise_rng.normal(0.0, self.explore_std, chunk.shape)
+        # observation-to-chunk latency: this step's frames encoded + the denoising head
+        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        start = self.n_obs - 1
+        self.queue.extend(chunk[start:start + self.n_act])
+
     def act(self, obs: dict) -> np.ndarray:
-        t0 = time.perf_counter()
-        self.observe(obs)
-        if not self.queue:
-            chunk = self.plan()
-            if self.explore_std > 0:
-                chunk = chunk + self.noise_rng.normal(0.0, self.explore_std, chunk.shape)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            # observation-to-chunk latency: this step's frames encoded + the denoising head
-            self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-            start = self.n_obs - 1
-            self.queue.extend(chunk[start:start + self.n_act])
-        return np.clip(self.queue.popleft(), -1.0, 1.0).astype(np.float32)
+        return act_batch([self], [obs])[0]
+
+
+@torch.no_grad()
+def plan_batch(agents: list[ChunkAgent]) -> list[np.ndarray]:
+    """One denoising pass for several agents sharing a policy (one robot each): their rows stacked,
+    each with its own window and noise, so a robot's chunk does not depend on who it was batched with."""
+    first = agents[0]
+    policy = first.policy
+    rows = [a._inputs() for a in agents]
+    batch = {k: torch.cat([r[0][k] for r in rows]) for k in policy.cfg.state_keys}
+    feats = {k: torch.cat([r[1][k] for r in rows]) for k in policy.cfg.image_keys}
+    noise = torch.cat([r[2] for r in rows])
+    with first.autocast():
+        cond = policy.condition(batch, feats)
+        sampled = policy.sample_normalized(cond, first.sampler, None, noise).float()
+    actions = policy.normalizer.unnormalize("action", sampled)
+    if first.device.type == "cuda":
+        torch.cuda.synchronize()
+    return list(actions.cpu().numpy())
+
+
+def act_batch(agents: list[ChunkAgent], observations: list[dict]) -> list[np.ndarray]:
+    """Each agent takes in its observation; those whose queue ran out plan together (`plan_batch`);
+    every agent returns its next action."""
+    t0 = time.perf_counter()
+    for agent, obs in zip(agents, observations):
+        agent.observe(obs)
+    due = [a for a in agents if not a.queue]
+    if due:
+        for agent, chunk in zip(due, plan_batch(due)):
+            agent._enqueue(chunk, t0)
+    return [np.clip(a.queue.popleft(), -1.0, 1.0).astype(np.float32) for a in agents]
 
 
 @dataclass
@@ -131,7 +188,7 @@ class EvalResult:
 
 
 def evaluate(policy: DiffusionPolicy, env, task: str, episodes: int, seed: int, sampler: str,
-             device: torch.device | str = "cpu", video_path: str | Path | None = None, progress: bool = False,
+             device: torch.device | str | None = None, video_path: str | Path | None = None, progress: bool = False,
              recorder=None) -> EvalResult:
     """`recorder` (rollout.EpisodeRecorder) writes the policy's episodes to a store (source "policy")."""
     from robot_rl.rollout import run_episodes

@@ -99,6 +99,8 @@ class FinetuneConfig:
     eval_episodes: int = 50
     eval_seed: int = 100_000
     eval_every: int = 0  # rounds; 0 = only before and after
+    learner_threads: int = 0  # torch CPU threads of the learner (0: torch's default); 1 leaves the other cores to a
+    # robot graph on the same host (its 1 kHz arm loop must never starve: libfranka aborts after 20 lost cycles)
 
     def __post_init__(self) -> None:
         if self.reward not in ("task", "rlif", "classifier"):
@@ -460,6 +462,8 @@ def finetune_online(ckpt: str | Path, task: str, make_env, stores: list[str], ou
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    if cfg.learner_threads > 0:
+        torch.set_num_threads(cfg.learner_threads)
     online_store, last, state_file = out / "online.zarr", out / "last", out / "state.json"
     start = load_policy(ckpt, device)
     sampler = cfg.sampler or default_sampler(start.kind)

@@ -56,7 +56,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
     else:
         teacher, _ = train_diffusion([str(store)], teacher_dir, cfg.net, cfg.train, use_images=cfg.images, task=cfg.task,
                                      progress=cfg.progress, resume=True)
-    if (student_dir / "config.json").exists():
+    if cfg.distill.steps <= 0:  # the teacher alone (its evaluations only)
+        student = None
+    elif (student_dir / "config.json").exists():
         student = load_policy(student_dir)
     else:
         student, _ = distill(teacher_dir, student_dir, cfg.distill, dropout=cfg.distill_dropout, progress=cfg.progress,
@@ -65,6 +67,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
     results: list[EvalResult] = []
     for label, sampler in cfg.evals:
         pol = teacher if label == "teacher" else student
+        if pol is None:
+            raise ValueError(f"imitation pipeline: evaluating the student ({sampler}) needs distill steps > 0")
         env = env_factory(cfg.task, cfg.setup, teacher.spec_subset)()
         video = out / f"{cfg.task.replace('/', '_')}_{label}_{sampler}.gif" if cfg.video else None
         r = evaluate(pol, env, cfg.task, cfg.eval_episodes, cfg.eval_seed, sampler, video_path=video, progress=cfg.progress)

@@ -6,7 +6,9 @@ after every round. Each round's weights are saved as a new checkpoint and announ
 `policy/weights` (`{path, version, sha256}`); the policy server verifies the hash and swaps them in
 between two inferences, and the next round starts once `policy/info` reports the new version. The
 sim runs in real time, as a robot does (a person may take over, and the recorder needs every stream
-live before the first episode).
+live before the first episode). On a robot cell the same loop runs on `launch/robot_hil`: each
+episode starts from the arm's home pose and is scored by the cell's own reward (hardware config
+`reward`, the sim task's point) — proven against `franka-sim` on the real FCI protocol.
 
 A person can take over at any time from the web console (or the scripted operator does, with
 `operator=scripted`); their steps are flagged and routed to the demonstration share of the batches.
@@ -34,19 +36,21 @@ class RosActor:
         from robot_rl.nodes.common import qos
         from robot_rl.sim.registry import TASKS, _load
 
-        hw = load_hardware_config(cfg.hardware_config)  # a sim cell (the command checks)
+        hw = load_hardware_config(cfg.hardware_config)  # a sim cell, or a robot cell with its own reward (checked)
         # nobody at the keyboard: the web console is the takeover device (and the scripted operator's joystick)
         run_cfg = OmegaConf.merge(cfg, {"record": str(store), "teleop": "web", "operator": cfg_ft.operator})
         self.hil = HilSession(run_cfg, out)
         self.out, self.cfg_ft, self.console = out, cfg_ft, console
         seed = cfg_ft.train_seed + first_round * cfg_ft.episodes_per_round
-        args = ["sim_hil", f"ckpt:={Path(policy_path).resolve()}", f"hardware_config:={hw.source}", f"task:={task}",
-                "mode:=realtime", f"seed:={seed}", f"sampler:={sampler}", f"device:={cfg_ft.device}",
-                f"explore_std:={cfg_ft.explore_std}", *self.hil.launch_args()]
+        common = [f"ckpt:={Path(policy_path).resolve()}", f"hardware_config:={hw.source}", f"task:={task}",
+                  f"sampler:={sampler}", f"device:={cfg_ft.device}", f"explore_std:={cfg_ft.explore_std}",
+                  *self.hil.launch_args()]
+        args = ["sim_hil", *common, "mode:=realtime", f"seed:={seed}"] if hw.is_sim else ["robot_hil", *common]
         self.g = Graph(args, out / "actor_launch.log", "robot_rl_finetune")
         try:
             max_steps = cfg.task.get("max_steps") or _load(TASKS[task].entry_point).default_max_steps
-            self.runner = EpisodeRunner(self.g, task, max_steps, 1.0 / hw.rates.policy_hz, seed, self.hil)
+            self.runner = EpisodeRunner(self.g, task, max_steps, 1.0 / hw.rates.policy_hz, seed, self.hil,
+                                        home=None if hw.is_sim else hw.arm.home_qpos)
             self.info: dict = {}
             self.g.node.create_subscription(String, "policy/info", self._on_info, qos("latched"))
             self.weights = self.g.node.create_publisher(String, "policy/weights", qos("latched"))

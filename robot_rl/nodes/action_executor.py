@@ -3,7 +3,9 @@ time) into absolute, time-stamped end-effector targets on `policy/target` (robot
 for the intervention mux / safety filter: composed on the commanded target, which resets to the
 measured pose when an episode starts, after every hold of the safety filter (`safety/state`) and
 while a human drives (`intervention`): control changes hands. Targets whose time has passed are
-skipped, never shifted. Reports late targets and chunks in /diagnostics. Lifecycle node: deactivate
+skipped, never shifted; `ensemble_decay` ≥ 0 turns on temporal ensembling of overlapping chunks
+(the server's `plan_ahead`; < 0, the default: a newer chunk replaces the tail). Reports late targets
+and chunks in /diagnostics. Lifecycle node: deactivate
 sends the hold last (one target at the measured pose, which replaces the buffered tail downstream)."""
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from robot_rl.nodes.common import (
     stamp_to_sec,
     targets_to_msg,
 )
+from robot_rl.recording import nearest
 
 
 def build(cfg, _rt_note, stop):
@@ -38,9 +41,10 @@ def build(cfg, _rt_note, stop):
     from trajectory_msgs.msg import MultiDOFJointTrajectory
 
     node = LifecycleNode("action_executor")
-    p = declare(node, {"hardware_config": cfg.source, "autostart": True})
+    p = declare(node, {"hardware_config": cfg.source, "ensemble_decay": -1.0, "autostart": True})
     s = cfg.safety
-    ex = ChunkExecutor(s.workspace_low, s.workspace_high, 1.0 / cfg.rates.policy_hz)
+    ex = ChunkExecutor(s.workspace_low, s.workspace_high, 1.0 / cfg.rates.policy_hz,
+                       ensemble_decay=None if p["ensemble_decay"] < 0 else p["ensemble_decay"])
     lock = threading.Lock()
     poses: deque[tuple[float, np.ndarray]] = deque(maxlen=200)  # measured ee poses by stamp
     episode = {"id": None, "t": None}
@@ -51,12 +55,12 @@ def build(cfg, _rt_note, stop):
     diag, meter = Diagnostics(node), RateMeter()
 
     def pose_at(t: float) -> np.ndarray | None:
-        for stamp, pose in reversed(poses):
-            if abs(stamp - t) < 0.006:  # within half a 100 Hz period
-                return pose
-            if stamp < t:
-                return None
-        return None
+        """The measured pose at t: within half a 100 Hz period, or — once the stream has moved past t
+        (the sample due never came) — the nearest within half a policy step (ObservationBuffers.at)."""
+        hit = nearest(poses, t, 0.006)
+        if hit is None and poses and poses[-1][0] > t + 0.006:
+            hit = nearest(poses, t, ex.dt / 2)
+        return None if hit is None else hit[1]
 
     def process() -> None:
         """Execute pending chunks in order, once the episode they belong to and, for its first chunk,
@@ -70,8 +74,8 @@ def build(cfg, _rt_note, stop):
                 continue
             if abs(t_obs - episode["t"]) < 1e-9 or ex.target is None:  # control starts: target := measured pose
                 pose = pose_at(t_obs)
-                if pose is None and poses and poses[0][0] > t_obs:
-                    pending.popleft()  # older than the pose history: it can never start; dropped as late
+                if pose is None and poses and poses[-1][0] > t_obs + ex.dt / 2:
+                    pending.popleft()  # no pose near its observation time will come: it can never start; late
                     ex.late += len(chunk)
                     continue
                 if pose is None:
@@ -87,7 +91,8 @@ def build(cfg, _rt_note, stop):
             meter.tick()
         lat = np.asarray(latency_ms) if latency_ms else np.zeros(1)
         diag.maybe_publish({"chunks_per_s": meter.rate(), "chunks": ex.chunks, "refused_chunks": refused[0],
-                            "late_targets": ex.late, "targets": ex.composed, "pending": len(pending),
+                            "late_targets": ex.late, "targets": ex.composed,
+                            "ensembled_targets": ex.ensembled, "pending": len(pending),
                             "obs_to_target_p50_ms": float(np.median(lat)),
                             "obs_to_target_p99_ms": float(np.percentile(lat, 99))})
 
@@ -126,13 +131,17 @@ def build(cfg, _rt_note, stop):
     def on_safety(m) -> None:
         """A hold: the arm holds its measured pose and control restarts from there with the next chunk.
         Chunks planned before the hold are dropped; one planned at or after it (topics arrive in any
-        order) is kept — dropping it would leave a lock-step clock waiting for targets forever."""
+        order) is kept — dropping it would leave a lock-step clock waiting for targets forever. The
+        hold's time counts at most as the newest measured pose: a filter whose clock has not yet
+        caught up with a sim reset never makes a chunk from the newest observation stale."""
         if not is_holding(m):
             return
         t_hold = (json_state(m) or {}).get("t")
         with lock:
             ex.target = None
-            kept = [c for c in pending if isinstance(t_hold, (int, float)) and c[0] >= t_hold]
+            if isinstance(t_hold, (int, float)) and poses:
+                t_hold = min(t_hold, poses[-1][0])
+            kept = [c for c in pending if isinstance(t_hold, (int, float)) and c[0] >= t_hold - 1e-9]
             pending.clear()
             pending.extend(kept)
 

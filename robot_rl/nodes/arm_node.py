@@ -1,18 +1,20 @@
 """`arm_node`: the arm (backend `mujoco` or `franka`). Publishes `/joint_states` and `/arm/ee_pose`;
 takes absolute, time-stamped targets on `/arm/target` (MultiDOFJointTrajectory, joints ee + gripper)
 and re-checks each against the safety limits (refused → hold the measured pose). Honours the latched
-`/estop`. Services: `/arm/home`, `/arm/hold`, `/arm/recover` (Trigger)."""
+`/estop`. Services: `/arm/home`, `/arm/hold`, `/arm/recover` (Trigger); `/arm/home` only starts the
+move: the latched `/arm/status` (JSON `holding`, `homing`, `homed` — home moves completed —, `error`,
+published on every change) says when it has ended."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import numpy as np
 
 from robot_rl.drivers.arm import ARM_BACKENDS
 from robot_rl.drivers.safety import EStop, TargetChecker
-from robot_rl.drivers.sim_link import default_link_dir
 from robot_rl.nodes.common import (
     Diagnostics,
     RateMeter,
@@ -22,6 +24,7 @@ from robot_rl.nodes.common import (
     qos,
     run_node,
     sec_to_stamp,
+    sim_link_dir,
     stamp_to_sec,
 )
 from robot_rl.sim.scene import ARM_JOINTS
@@ -31,7 +34,7 @@ def build(cfg, _rt_note, stop):
     from geometry_msgs.msg import PoseStamped
     from rclpy.node import Node
     from sensor_msgs.msg import JointState
-    from std_msgs.msg import Bool
+    from std_msgs.msg import Bool, String
     from std_srvs.srv import Trigger
     from trajectory_msgs.msg import MultiDOFJointTrajectory
 
@@ -39,7 +42,7 @@ def build(cfg, _rt_note, stop):
     p = declare(node, {"hardware_config": cfg.source, "sim.link": cfg.sim.link, **cfg.ros_params("arm_node")})
     limits = cfg.safety_limits()
     cfg = dataclasses.replace(cfg, arm=dataclasses.replace(cfg.arm, backend=p["arm.backend"], address=p["arm.address"]))
-    arm = ARM_BACKENDS[cfg.arm.backend](cfg, default_link_dir(p["sim.link"]))
+    arm = ARM_BACKENDS[cfg.arm.backend](cfg, sim_link_dir(node, p["sim.link"]))
     lock = threading.Lock()
     estop = EStop()
     last = {"state": None}
@@ -98,6 +101,8 @@ def build(cfg, _rt_note, stop):
     node.create_service(Trigger, "arm/recover", trigger(arm.recover))
     js_pub = node.create_publisher(JointState, "joint_states", qos("state"))
     pose_pub = node.create_publisher(PoseStamped, "arm/ee_pose", qos("state"))
+    status_pub = node.create_publisher(String, "arm/status", qos("latched"))
+    status = {"last": None}
     js = JointState(name=[*ARM_JOINTS, "gripper"])
     pose = PoseStamped()
     pose.header.frame_id = "base"
@@ -123,6 +128,9 @@ def build(cfg, _rt_note, stop):
             pose_to_msg(s.ee_pose, pose.pose)
             pose_pub.publish(pose)
             meter.tick()
+            if (now := {"holding": s.holding, "homing": s.homing, "homed": s.homed, "error": s.error}) != status["last"]:
+                status["last"] = now
+                status_pub.publish(String(data=json.dumps(now)))
             if s.error:
                 diag.error(f"arm: {s.error}; holding, call /arm/recover")
             diag.maybe_publish({"rate_hz": meter.rate(), "age_s": meter.age(), "estop": estop.engaged,

@@ -10,8 +10,7 @@ import time
 import numpy as np
 
 from robot_rl.drivers.camera import CAMERA_BACKENDS
-from robot_rl.drivers.sim_link import default_link_dir
-from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node
+from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node, sim_link_dir
 from robot_rl.nodes.image_transport import ImageEncoder
 
 
@@ -28,7 +27,7 @@ def build(cfg, rt_note, stop):
         raise ValueError(f"camera_node: stamp_source '{p['stamp_source']}' is not 'device' or 'wall'")
     c = {k.split(".", 1)[1]: v for k, v in p.items() if k.startswith("camera.")}
     backend = CAMERA_BACKENDS[c["backend"]]
-    cam = backend(name=name, link_dir=default_link_dir(p["sim.link"]), device=c["device"], serial=c["serial"],
+    cam = backend(name=name, link_dir=sim_link_dir(node, p["sim.link"]), device=c["device"], serial=c["serial"],
                   width=c["width"], height=c["height"], rate_hz=c["rate_hz"], fovy_deg=c["fovy_deg"])
     w, h, pw, ph = cam.width, cam.height, c["policy_width"], c["policy_height"]
     frame_id = f"{name}_optical_frame"

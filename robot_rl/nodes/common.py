@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections import deque
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -171,27 +173,31 @@ HISTORY = 64  # samples kept per stream
 
 def cell_spec(cfg, task: str | None = None):
     """The robot spec a cell's graph offers: the hardware config's keys, plus in sim the task's
-    sim-only object keys and its action mask."""
+    sim-only object keys; the task's action mask (on a robot cell when a task is named)."""
     import dataclasses
 
-    spec = cfg.robot_spec()
-    if not cfg.is_sim:
-        return spec
     from robot_rl.sim.registry import TASKS, _load
+
+    spec = cfg.robot_spec()
+    if not cfg.is_sim and task not in TASKS:
+        return spec
     from robot_rl.spec import ActionSpec, object_key
 
     cls = _load(TASKS[task or cfg.sim.task].entry_point)
+    objects = cls.objects if cfg.is_sim else ()
     return dataclasses.replace(spec, observations=spec.observations + tuple(
-        object_key(o, spec.rates.policy_hz) for o in cls.objects), action=ActionSpec(mask=cls.mask)).validate()
+        object_key(o, spec.rates.policy_hz) for o in objects), action=ActionSpec(mask=cls.mask)).validate()
 
 
 class ObservationBuffers:
     """Per-key sample histories fed by the graph's topics (joint_states, arm/ee_pose, ft/wrench,
     sim/object/<name>, <camera>/image_policy or, at full resolution, image_raw), matched to a step
-    time by stamp: state within half a 100 Hz period, images within half a frame period (+1 ms)."""
+    time by stamp: state within half a 100 Hz period, images within half a frame period (+1 ms);
+    a sample that never came is replaced by the nearest within `max_skew` (`at`)."""
 
     def __init__(self, node, keys, cfg, cond: threading.Condition, full_resolution: bool = False,
-                 history: int = HISTORY, image_history: int | None = None, queue_depth: int | None = None):
+                 history: int = HISTORY, image_history: int | None = None, queue_depth: int | None = None,
+                 prefix: str = ""):  # a topic prefix: one robot of several ('robot_a/')
         from geometry_msgs.msg import PoseStamped, WrenchStamped
         from sensor_msgs.msg import Image, JointState
 
@@ -206,20 +212,20 @@ class ObservationBuffers:
             k: deque(maxlen=(image_history or history) if k.startswith("image.") else history) for k in keys}
         self.tol = {k: 0.006 for k in keys}
         self.received = {k: 0 for k in keys}
-        node.create_subscription(JointState, "joint_states", self._on_joints, profile("state"))
-        node.create_subscription(PoseStamped, "arm/ee_pose", lambda m: self.put(
+        node.create_subscription(JointState, f"{prefix}joint_states", self._on_joints, profile("state"))
+        node.create_subscription(PoseStamped, f"{prefix}arm/ee_pose", lambda m: self.put(
             "state.ee_pose", m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), profile("state"))
-        node.create_subscription(WrenchStamped, "ft/wrench", lambda m: self.put("state.wrench", m.header.stamp, np.array(
+        node.create_subscription(WrenchStamped, f"{prefix}ft/wrench", lambda m: self.put("state.wrench", m.header.stamp, np.array(
             [m.wrench.force.x, m.wrench.force.y, m.wrench.force.z, m.wrench.torque.x, m.wrench.torque.y,
              m.wrench.torque.z], np.float32)), profile("state"))
         for key in keys:
             if key.startswith("state.object."):
-                node.create_subscription(PoseStamped, f"sim/object/{key.split('.', 2)[2]}", lambda m, k=key: self.put(
+                node.create_subscription(PoseStamped, f"{prefix}sim/object/{key.split('.', 2)[2]}", lambda m, k=key: self.put(
                     k, m.header.stamp, msg_to_pose(m.pose).astype(np.float32)), profile("state"))
             elif key.startswith("image."):
                 cam = key.split(".", 1)[1]
                 self.tol[key] = 0.5 / cfg.camera(cam).rate_hz + 1e-3  # a step exactly between two frames: either
-                topic = f"{cam}/image_raw" if full_resolution else f"{cam}/image_policy"
+                topic = f"{prefix}{cam}/image_raw" if full_resolution else f"{prefix}{cam}/image_policy"
                 node.create_subscription(Image, topic, lambda m, k=key: self.put(
                     k, m.header.stamp, np.frombuffer(m.data, np.uint8).reshape(m.height, m.width, 3).copy()),
                     profile("image"))
@@ -237,15 +243,25 @@ class ObservationBuffers:
                 self.received[key] += 1
                 self.cond.notify_all()
 
-    def at(self, t: float) -> dict | None:
-        """The observation at step time t (call with the condition held), or None while incomplete."""
+    def at(self, t: float, max_skew: float = 0.0) -> dict | None:
+        """The observation at step time t (call with the condition held), or None while incomplete.
+        Per key the sample within its tolerance of t; with `max_skew`, a key whose stream has already
+        moved past t (a sample newer than t + tolerance: none nearer can still come, each stream
+        arrives in stamp order) takes its nearest sample within `max_skew` instead — a real arm's
+        state jitters and drops samples, and waiting for one that never comes stalls the policy."""
         obs = {}
         for k, buf in self.bufs.items():
             hit = nearest(buf, t, self.tol[k])
+            if hit is None and max_skew > 0 and buf and buf[-1][0] > t + self.tol[k]:
+                hit = nearest(buf, t, max_skew)
             if hit is None:
                 return None
             obs[k] = hit[1]
         return obs
+
+    def moved_past(self, t: float) -> bool:
+        """Every stream has a sample newer than t + its tolerance: no sample nearer t will come."""
+        return all(buf and buf[-1][0] > t + self.tol[k] for k, buf in self.bufs.items())
 
 
 class TeleopOutput:
@@ -380,9 +396,39 @@ class Lifecycle:
 
 
 # ---- process entry ------------------------------------------------------------------------------------
+def sim_link_dir(node, name: str) -> Path:
+    """The sim link of this node's cell: `sim.link` if set, else one per namespace (several simulated
+    cells under one ROS domain, `launch/sim_fleet`), per ROS domain."""
+    from robot_rl.drivers.sim_link import default_link_dir
+
+    return default_link_dir(name or node.get_namespace().strip("/").replace("/", "_"))
+
+
 def declare(node, params: dict[str, Any]) -> dict[str, Any]:
-    """Declare parameters with defaults (from the hardware config); return the effective values."""
-    return {k: node.declare_parameter(k, v).value for k, v in params.items()}
+    """Declare parameters with defaults (from the hardware config); return the effective values. A
+    real-valued parameter takes an integer too (`-p batch_wait_ms:=20`); a value of the wrong type is
+    one ValueError naming the parameter."""
+    from rcl_interfaces.msg import ParameterDescriptor
+    from rclpy.exceptions import InvalidParameterTypeException
+
+    def wrong(k: str, default, given) -> ValueError:
+        return ValueError(f"{node.get_name()}: parameter '{k}' must be a {type(default).__name__} (like {default!r}), "
+                          f"got {given}")
+
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, float):
+            value = node.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True)).value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise wrong(k, v, repr(value))
+            out[k] = float(value)
+            continue
+        try:
+            out[k] = node.declare_parameter(k, v).value
+        except InvalidParameterTypeException as e:
+            m = re.search(r"to '(.*)' of type '(\w+)'", str(e))
+            raise wrong(k, v, f"'{m.group(1)}' ({m.group(2).lower()})" if m else str(e)) from None
+    return out
 
 
 def run_node(build, argv: list[str] | None = None, realtime: bool = False) -> int:

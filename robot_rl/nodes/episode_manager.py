@@ -1,28 +1,44 @@
 """`episode_manager`: owns the episode. Services `/episode/reset` (sim: a new seed per episode; robot:
 home pose, then the operator prepares the scene), `/episode/start`, `/episode/stop` (SetBool: success)
 and `/episode/abort`; publishes `/episode/state` (JSON in std_msgs/String, latched) and
-`/episode/reward` (the task's reward in sim while running)."""
+`/episode/reward` while running: the task's reward in sim; on a robot cell whose hardware config has
+a `reward` section (`kind: reach`), that reward computed from `/arm/ee_pose` — success within
+`tolerance` of `goal`, reward success − distance, as the sim's `reach_point` — so episodes can run
+unattended (RL fine-tuning on hardware). Without one, the operator says success."""
 
 from __future__ import annotations
 
 import json
 import threading
 
-from robot_rl.drivers.sim_link import LinkClient, LinkError, default_link_dir
-from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node, sec_to_stamp, stamp_to_sec
+import numpy as np
+
+from robot_rl.drivers.sim_link import LinkClient, LinkError
+from robot_rl.hardware import RewardSection, section_from_params
+from robot_rl.nodes.common import (
+    Diagnostics,
+    RateMeter,
+    declare,
+    msg_to_pose,
+    qos,
+    run_node,
+    sec_to_stamp,
+    sim_link_dir,
+    stamp_to_sec,
+)
 
 STATES = ("idle", "ready", "running", "stopped")
 
 
 def build(cfg, _rt_note, stop):
-    from geometry_msgs.msg import Vector3Stamped
+    from geometry_msgs.msg import PoseStamped, Vector3Stamped
     from rclpy.node import Node
     from std_msgs.msg import String
     from std_srvs.srv import SetBool, Trigger
 
     node = Node("episode_manager")
     p = declare(node, {"hardware_config": cfg.source, "seed": cfg.sim.seed, **cfg.ros_params("episode_manager")})
-    link = LinkClient(default_link_dir(p["sim.link"]), "episode", ["state"]) if cfg.is_sim else None
+    link = LinkClient(sim_link_dir(node, p["sim.link"]), "episode", ["state"]) if cfg.is_sim else None
     home = None if cfg.is_sim else node.create_client(Trigger, "arm/home")
     lock = threading.Lock()
     done, started = threading.Event(), threading.Event()  # the sim's answers to reset and start
@@ -32,6 +48,7 @@ def build(cfg, _rt_note, stop):
     state_pub = node.create_publisher(String, "episode/state", qos("latched"))
     reward_pub = node.create_publisher(Vector3Stamped, "episode/reward", qos("state"))
     reward = Vector3Stamped()
+    cell_reward = None if cfg.is_sim else section_from_params(RewardSection, p, "reward")
 
     def announce() -> None:
         state_pub.publish(String(data=json.dumps(ep)))
@@ -96,6 +113,28 @@ def build(cfg, _rt_note, stop):
     if link is not None:
         node.close = link.close
 
+    def scored(stamp, value: float, success: bool, failed: bool) -> None:
+        """A reward sample of the running episode; the first success (or failure) is announced."""
+        reward.header.stamp = stamp
+        reward.vector.x, reward.vector.y, reward.vector.z = float(value), float(success), float(failed)
+        reward_pub.publish(reward)
+        if (success and not ep["success"]) or (failed and not ep["failed"]):
+            ep["success"], ep["failed"] = ep["success"] or success, ep["failed"] or failed
+            announce()
+
+    if cell_reward is not None and cell_reward.kind == "reach":
+        goal, tol = np.asarray(cell_reward.goal, dtype=np.float64), float(cell_reward.tolerance)
+
+        def on_pose(m) -> None:
+            dist = float(np.linalg.norm(msg_to_pose(m.pose)[:3] - goal))
+            if not np.isfinite(dist):
+                return  # a garbage pose scores nothing (the arm node and the safety filter deal with it)
+            with lock:
+                if ep["state"] == "running" and stamp_to_sec(m.header.stamp) >= ep["t"]:
+                    scored(m.header.stamp, float(dist < tol) - dist, dist < tol, False)
+
+        node.create_subscription(PoseStamped, "arm/ee_pose", on_pose, qos("state"))
+
     def loop() -> None:
         while not stop.is_set():
             msg = link.recv(0.2)
@@ -113,13 +152,7 @@ def build(cfg, _rt_note, stop):
                 continue  # (a reset or start holds the lock while it waits for the sim's answer: never block here then)
             with lock:
                 if ep["state"] == "running":
-                    sec_to_stamp(msg["t"], reward.header.stamp)
-                    reward.vector.x = float(msg["reward"])
-                    reward.vector.y, reward.vector.z = float(bool(msg["success"])), float(bool(msg.get("failed")))
-                    reward_pub.publish(reward)
-                    if (msg["success"] and not ep["success"]) or (msg.get("failed") and not ep["failed"]):
-                        ep["success"], ep["failed"] = ep["success"] or msg["success"], ep["failed"] or msg["failed"]
-                        announce()
+                    scored(sec_to_stamp(msg["t"]), msg["reward"], bool(msg["success"]), bool(msg.get("failed")))
 
     return node, (loop if link is not None else None)
 

@@ -12,9 +12,8 @@ from dataclasses import replace
 import numpy as np
 
 from robot_rl.drivers.ft import FT_BACKENDS, Payload, fit_payload
-from robot_rl.drivers.sim_link import default_link_dir
 from robot_rl.geometry import quat_to_rot
-from robot_rl.nodes.common import Diagnostics, RateMeter, declare, msg_to_pose, qos, run_node, sec_to_stamp
+from robot_rl.nodes.common import Diagnostics, RateMeter, declare, msg_to_pose, qos, run_node, sec_to_stamp, sim_link_dir
 
 STILL_WINDOW = 20  # samples averaged for bias and pose records
 
@@ -27,7 +26,7 @@ def build(cfg, _rt_note, stop):
     node = Node("ft_node")
     p = declare(node, {"hardware_config": cfg.source, "sim.link": cfg.sim.link, **cfg.ros_params("ft_node")})
     section = replace(cfg.ft, backend=p["ft.backend"], address=p["ft.address"])
-    sensor = FT_BACKENDS[section.backend](section, default_link_dir(p["sim.link"]))
+    sensor = FT_BACKENDS[section.backend](section, sim_link_dir(node, p["sim.link"]))
     sensor.start()
     payload = Payload(p["ft.payload_mass"], tuple(p["ft.payload_com"]))
     sensor_in_ee = quat_to_rot(np.asarray(p["ft.sensor_in_ee"]))

@@ -1,10 +1,11 @@
 """`intervention_mux`: executor → mux ← teleop → safety filter → arm. Policy targets
 (`policy/target`) pass to `mux/target` until the operator engages (`teleop/state` buttons[0]);
 from then on the teleop twist (`teleop/twist`), integrated from the measured pose
-(drivers.teleop.TwistIntegrator), makes the targets: one per measured pose, stamped one command
-period ahead, with the operator's gripper command. A twist older than `teleop.watchdog_ms` is not
-integrated (the target holds: the human's stream has its own watchdog). Disengaging hands control
-back: the executor, which follows `intervention`, restarts the next chunk from the measured pose.
+(drivers.teleop.TwistIntegrator), makes the targets: one per measured pose, stamped
+`teleop.lead_ms` past it (enough for the hops to the arm), with the operator's gripper command. A
+twist older than `teleop.watchdog_ms` is not integrated (the target holds: the human's stream has
+its own watchdog). Disengaging hands control back: the executor, which follows `intervention`,
+restarts the next chunk from the measured pose.
 With `policy:=false` (recording demonstrations, no policy in the graph) the operator always drives.
 
 `intervention` (std_msgs/Header, frame_id `human` | `policy`) is published at every policy step
@@ -49,7 +50,7 @@ def build(cfg, _rt_note, stop):
     p = declare(node, {"hardware_config": cfg.source, "frame": "base", "policy": True,
                        **cfg.ros_params("intervention_mux")})
     t = section_from_params(TeleopSection, p, "teleop")
-    policy_dt, lead = 1.0 / cfg.rates.policy_hz, 1.0 / cfg.rates.command_hz
+    policy_dt, lead = 1.0 / cfg.rates.policy_hz, t.lead_ms / 1e3
     integ = TwistIntegrator(cfg.safety_limits())
     lock = threading.Lock()
     st = {"human": not p["policy"], "twist": np.zeros(6), "twist_t": -math.inf, "gripper": None, "pose_t": None,

@@ -1,7 +1,10 @@
 """`policy_server`: loads a checkpoint (safetensors + JSON + spec subset), refuses a graph that lacks a
-key it reads, assembles one observation per policy period from the stamped topics, runs the policy
-(one-step by default) and publishes each new action chunk on `policy/chunk` stamped with the
-observation time: the executed part, as delta poses (MultiDOFJointTrajectory, gripper as a joint).
+key it reads, assembles one observation per policy period from the stamped topics (per stream the
+sample within half a 100 Hz period of the step time; one that never came — a real arm's state
+jitters — is replaced by the nearest within half a step; a longer gap skips the step, counted in
+`skipped_steps`), runs the policy (one-step by default) and publishes each new action chunk on
+`policy/chunk` stamped with the observation time: the executed part, as delta poses
+(MultiDOFJointTrajectory, gripper as a joint).
 
 The chunking is `learning.evaluate.ChunkAgent`'s, the same object the in-process evaluation uses, so
 a lock-step rollout through ROS reproduces the in-process one.
@@ -13,6 +16,20 @@ reads with their periods, which the safety filter watches); hot reload of weight
 latched `policy/weights` (`{path, version, sha256}`): verified and loaded in the background, swapped
 between two inferences. Lifecycle node: configure loads and warms up, deactivate stops the chunks and
 says `inactive` last. `explore_std` > 0 adds Gaussian noise to every chunk (the RL fine-tuning actor).
+
+Several robots, one model: `robots:=robot_a,robot_b` serves each namespace's topics (`robot_a/joint_states`
+… → `robot_a/policy/chunk`, its own heartbeat and info, stamped with its own `robot_a/clock` in sim);
+robots whose step comes due together are planned in one batch (a robot about to plan waits up to
+`batch_wait_ms` for the others whose chunk has run out too or whose episode is about to start), each
+row with its own window and noise. `launch/sim_fleet` runs it.
+
+GPU flags (CPU-equivalence tested in tests/test_policies.py; on an H100, benchmarks/RESULTS.md
+`policy_latency_h100`, chunks within 0.004 (fp16) / 0.034 (bf16) / 0.002 (compiled) of fp32 eager in
+action units): `precision:=fp16|bf16` runs the encoder and denoiser under autocast (no faster for the
+default network at batch 1 there); `compile:=default|reduce-overhead|max-autotune` applies
+`torch.compile` — reduce-overhead (CUDA graphs) cut the one-step chunk from 8.2 to 2.3 ms on the
+H100 — compiled during warm-up, before the server reports ready. The server itself (the ROS graph)
+has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -35,8 +52,12 @@ from robot_rl.nodes.common import (
     json_state,
     qos,
     run_node,
+    sec_to_stamp,
+    stamp_to_sec,
     targets_to_msg,
 )
+
+RESEND_S = 2.0  # wall seconds a cell may stand still on a chunk's observation before it is sent again
 
 
 def _file_sha256(path: Path) -> str:
@@ -65,15 +86,44 @@ def observation_streams(pcfg, cfg) -> dict[str, float]:
     return out
 
 
+class Robot:
+    """One robot the server drives: its namespace's topics, its episode, its agent (a window, a chunk
+    queue and noise of its own; the model is shared) and its clock for the heartbeat."""
+
+    def __init__(self, node, ns: str, sim_clock: bool):
+        from std_msgs.msg import Header, String
+        from trajectory_msgs.msg import MultiDOFJointTrajectory
+
+        self.ns, self.node = ns, node
+        self.prefix = f"{ns}/" if ns else ""
+        self.ep = {"episode": None, "running": False, "t_next": None, "reset_seed": None, "state": ""}
+        self.chunk_pub = node.create_publisher(MultiDOFJointTrajectory, f"{self.prefix}policy/chunk", qos("command"))
+        self.beat_pub = node.create_publisher(Header, f"{self.prefix}policy/heartbeat", qos("state"))
+        self.info_pub = node.create_publisher(String, f"{self.prefix}policy/info", qos("latched"))
+        self.clock: float | None = None  # this robot's sim time when it has a clock of its own
+        self.last_chunk = None  # (message, observation time, wall time sent): resent if the cell stalls on it
+        self.resent = 0
+        self.skipped = 0  # steps with no observation within half a step in some stream (a gap): not planned from
+        self.agent = self.buffers = None
+        self.beat = Header()
+        if sim_clock and ns:
+            from rosgraph_msgs.msg import Clock
+
+            node.create_subscription(Clock, f"{self.prefix}clock", lambda m: setattr(
+                self, "clock", stamp_to_sec(m.clock)), qos("clock"))
+
+    def now_msg(self):
+        return self.node.get_clock().now().to_msg() if self.clock is None else sec_to_stamp(self.clock)
+
+
 def build(cfg, _rt_note, stop):
     import torch
     from rclpy.lifecycle import LifecycleNode
     from scipy.spatial.transform import Rotation
-    from std_msgs.msg import Header, String
-    from trajectory_msgs.msg import MultiDOFJointTrajectory
+    from std_msgs.msg import String
 
     from robot_rl.geometry import action_to_delta, rot_to_quat
-    from robot_rl.learning.evaluate import ChunkAgent
+    from robot_rl.learning.evaluate import ChunkAgent, accelerate, act_batch
     from robot_rl.policies.checkpoint import default_sampler, load_policy
     from robot_rl.rollout import policy_rng
     from robot_rl.spec import ActionSpec, SpecError, check_compatible
@@ -81,23 +131,24 @@ def build(cfg, _rt_note, stop):
     node = LifecycleNode("policy_server")
     p = declare(node, {"hardware_config": cfg.source, "ckpt": "", "sampler": "auto", "device": "auto",
                        "sim.task": cfg.sim.task, "cpu_threads": 1, "plan_ahead": 0, "explore_std": 0.0,
-                       "autostart": True})
+                       "precision": "fp32", "compile": "", "robots": "", "batch_wait_ms": 5.0, "autostart": True})
     if not p["ckpt"]:
         raise ValueError("policy_server: set the checkpoint: -p ckpt:=<folder>")
     device = "cuda" if p["device"] == "auto" and torch.cuda.is_available() else ("cpu" if p["device"] == "auto" else p["device"])
     if device == "cpu":  # beside the sim and drivers, one intra-op thread: no OpenMP barrier waits on a busy core
         torch.set_num_threads(max(1, int(p["cpu_threads"])))
-    graph = cell_spec(cfg, p["sim.task"])  # in sim with the task's sim-only keys
+    graph = cell_spec(cfg, p["sim.task"] if cfg.is_sim else None)  # in sim with the task's sim-only keys
     dt = 1.0 / cfg.rates.policy_hz
     lock = threading.Condition()
-    ep = {"episode": None, "running": False, "t_next": None, "reset_seed": None}
     s: dict = {"version": 0, "sha256": "", "path": "", "pending": None}  # the served model and a reload in waiting
-    obs_in: dict[str, ObservationBuffers] = {}  # created when configured (the keys come from the checkpoint)
-    chunk_pub = node.create_publisher(MultiDOFJointTrajectory, "policy/chunk", qos("command"))
-    beat_pub = node.create_publisher(Header, "policy/heartbeat", qos("state"))
-    info_pub = node.create_publisher(String, "policy/info", qos("latched"))
+    namespaces = [ns.strip().strip("/") for ns in str(p["robots"]).split(",")]
+    if len(set(namespaces)) != len(namespaces) or (len(namespaces) > 1 and "" in namespaces):
+        raise ValueError(f"policy_server: robots '{p['robots']}' must be distinct namespaces, comma-separated "
+                         "('' alone: the server's own namespace)")
+    sim_clock = bool(node.get_parameter("use_sim_time").value)
+    robots = [Robot(node, ns, sim_clock) for ns in namespaces]
     diag, meter = Diagnostics(node), RateMeter()
-    beat = Header()
+    batches: list[int] = []  # robots per planning pass
 
     def load(path: str):
         """Load and check a checkpoint against this graph; ValueError (one line) if it does not fit."""
@@ -106,7 +157,10 @@ def build(cfg, _rt_note, stop):
             check_compatible(policy.spec_subset, graph, hardware=not cfg.is_sim)
         except SpecError as e:
             raise ValueError(f"policy_server: checkpoint {path} does not fit this graph: {e}") from None
-        return policy
+        return accelerate(policy, p["compile"])
+
+    def agent_for(policy) -> ChunkAgent:
+        return ChunkAgent(policy, sampler(policy), device, explore_std=p["explore_std"], precision=p["precision"])
 
     def dummy_obs(pcfg) -> dict:
         obs = {k: np.zeros(pcfg.state_dims[k], np.float32) for k in pcfg.state_keys}
@@ -115,33 +169,41 @@ def build(cfg, _rt_note, stop):
             obs[k] = np.zeros((cam.policy_height, cam.policy_width, 3), np.uint8)
         return obs
 
-    def warm_up(agent) -> list[float]:
-        """The first inferences pay for allocation and kernel selection (~0.5 s on a CPU)."""
-        agent.reset(policy_rng(0))
-        obs = dummy_obs(agent.policy.cfg)
-        for _ in range(3 * agent.n_act):
-            agent.act(obs)
-        out = agent.latencies_ms[:]
-        agent.latencies_ms.clear()
+    def warm_up(agents: list[ChunkAgent]) -> list[float]:
+        """The first inferences pay for allocation, kernel selection and compilation (~0.5 s on a CPU
+        eager), at every batch size the robots can make."""
+        obs = dummy_obs(agents[0].policy.cfg)
+        for b in range(1, len(agents) + 1):
+            for a in agents[:b]:
+                a.reset(policy_rng(0))
+            for _ in range(3 * agents[0].n_act):
+                act_batch(agents[:b], [obs] * b)
+        out = agents[0].latencies_ms[:]
+        for a in agents:
+            a.latencies_ms.clear()
         return out
 
     def publish_info(**extra) -> None:
-        info_pub.publish(String(data=json.dumps({
-            "ckpt": s["path"], "version": s["version"], "sha256": s["sha256"], "kind": s["policy"].kind,
-            "sampler": sampler(), "device": device, "n_action_steps": s["agent"].n_act, "policy_hz": cfg.rates.policy_hz,
-            "streams": observation_streams(s["policy"].cfg, cfg), "active": life.active.is_set(), **extra})))
+        for r in robots:
+            r.info_pub.publish(String(data=json.dumps({
+                "ckpt": s["path"], "version": s["version"], "sha256": s["sha256"], "kind": s["policy"].kind,
+                "sampler": sampler(s["policy"]), "device": device, "precision": p["precision"],
+                "compile": p["compile"], "robots": namespaces, "n_action_steps": r.agent.n_act,
+                "policy_hz": cfg.rates.policy_hz, "streams": observation_streams(s["policy"].cfg, cfg),
+                "active": life.active.is_set(), **extra})))
 
-    def sampler() -> str:
-        return p["sampler"] if p["sampler"] not in ("", "auto") else default_sampler(s["policy"].kind)
+    def sampler(policy) -> str:
+        return p["sampler"] if p["sampler"] not in ("", "auto") else default_sampler(policy.kind)
 
-    def on_episode(m) -> None:
+    def on_episode(r: Robot, m) -> None:
         if (state := json_state(m)) is None or "state" not in state:
             return
         with lock:
-            if state["state"] == "running" and state.get("episode") != ep["episode"]:
-                ep.update(episode=state["episode"], running=True, t_next=state.get("t"), reset_seed=state.get("seed") or 0)
+            r.ep["state"] = state["state"]
+            if state["state"] == "running" and state.get("episode") != r.ep["episode"]:
+                r.ep.update(episode=state["episode"], running=True, t_next=state.get("t"), reset_seed=state.get("seed") or 0)
             elif state["state"] != "running":
-                ep["running"] = False
+                r.ep["running"] = False
             lock.notify_all()
 
     def configure() -> None:
@@ -149,17 +211,20 @@ def build(cfg, _rt_note, stop):
             return  # configured once per process; new weights come through policy/weights
         s["policy"] = policy = load(p["ckpt"])
         s["path"], s["sha256"] = str(p["ckpt"]), _file_sha256(Path(p["ckpt"]) / "model.safetensors")
-        s["agent"] = agent = ChunkAgent(policy, sampler(), device, explore_std=p["explore_std"])
-        plan_ahead = int(p["plan_ahead"])  # 0 = the in-process schedule (lock-step equivalence)
-        if not 0 <= plan_ahead < agent.n_act:
-            raise ValueError(f"policy_server: plan_ahead {plan_ahead} must be in [0, n_action_steps={agent.n_act})")
+        for r in robots:
+            r.agent = agent_for(policy)
+        n_act = robots[0].agent.n_act
+        if not 0 <= int(p["plan_ahead"]) < n_act:
+            raise ValueError(f"policy_server: plan_ahead {p['plan_ahead']} must be in [0, n_action_steps={n_act})")
         pcfg = policy.cfg
-        obs_in["buffers"] = ObservationBuffers(node, [*pcfg.state_keys, *pcfg.image_keys], cfg, lock)
-        node.create_subscription(String, "episode/state", on_episode, qos("latched"))
+        for r in robots:
+            r.buffers = ObservationBuffers(node, [*pcfg.state_keys, *pcfg.image_keys], cfg, lock, prefix=r.prefix)
+            node.create_subscription(String, f"{r.prefix}episode/state", lambda m, r=r: on_episode(r, m), qos("latched"))
         node.create_subscription(String, "policy/weights", on_weights, qos("latched"))
-        warmup_ms = warm_up(agent)
-        node.get_logger().info(f"policy_server ready: {policy.kind} from {p['ckpt']} on {device}, "
-                               f"sampler {sampler()}, keys {list(obs_in['buffers'].bufs)}; "
+        warmup_ms = warm_up([r.agent for r in robots])
+        node.get_logger().info(f"policy_server ready: {policy.kind} from {p['ckpt']} on {device} ({p['precision']}"
+                               f"{', compiled ' + p['compile'] if p['compile'] else ''}), sampler {sampler(policy)}, "
+                               f"keys {list(robots[0].buffers.bufs)}, robots {namespaces}; "
                                f"warm-up chunks {', '.join(f'{x:.0f}' for x in warmup_ms)} ms")
 
     # ---- hot reload: verify, load and warm up in the background; swap between two inferences --------
@@ -185,7 +250,7 @@ def build(cfg, _rt_note, stop):
                 if getattr(new.cfg, field, None) != getattr(old, field, None):
                     raise ValueError(f"{field} {getattr(new.cfg, field, None)} differs from the served model's "
                                      f"{getattr(old, field, None)}")
-            warm_up(ChunkAgent(new, sampler(), device))
+            warm_up([agent_for(new) for _ in robots])
         except (ValueError, OSError) as e:
             diag.error(f"policy: weights v{version} from {path} refused ({e}); serving v{s['version']}")
             publish_info(refused={"path": path, "version": version, "why": str(e)})
@@ -198,18 +263,21 @@ def build(cfg, _rt_note, stop):
             return
         new, path, version, sha = s["pending"]
         s["pending"] = None
-        s["agent"].swap_policy(new)
+        for r in robots:
+            r.agent.swap_policy(new)
         s.update(policy=new, path=path, version=version, sha256=sha)
         publish_info()
         node.get_logger().info(f"policy_server: now serving v{version} from {path}")
 
     def heartbeat() -> None:
-        """At most every 40 ms of wall time while the loop turns (a hung inference stops it)."""
+        """At most every 40 ms of wall time while the loop turns (a hung inference stops it), stamped
+        with each robot's clock."""
         if time.monotonic() - last_beat[0] >= 0.04 or not life.active.is_set():
             last_beat[0] = time.monotonic()
-            beat.stamp = node.get_clock().now().to_msg()
-            beat.frame_id = "active" if life.active.is_set() else "inactive"
-            beat_pub.publish(beat)
+            for r in robots:
+                r.beat.stamp = r.now_msg()
+                r.beat.frame_id = "active" if life.active.is_set() else "inactive"
+                r.beat_pub.publish(r.beat)
 
     last_beat = [0.0]
     life = Lifecycle(node, configure, on_activate=lambda: publish_info(), on_deactivate=lambda: (
@@ -217,57 +285,119 @@ def build(cfg, _rt_note, stop):
     if p["autostart"]:
         life.autostart()
 
+    def due(r: Robot) -> tuple[float, dict] | None:
+        """The robot's next step time and observation when all of it has arrived (call with the lock)."""
+        agent, ob = r.agent, r.buffers
+        if r.ep["reset_seed"] is not None:  # a new episode: fresh windows, noise seeded by the episode's seed
+            agent.reset(policy_rng(r.ep["reset_seed"]))
+            r.ep["reset_seed"], r.last_chunk = None, None
+        bufs, tol = ob.bufs, ob.tol
+        newest = [b[-1][0] for b in bufs.values() if b]
+        if r.ep["t_next"] is None or (len(newest) == len(bufs) and any(
+                b[0][0] > r.ep["t_next"] + tol[k] for k, b in bufs.items())):
+            # hardware, a (re)started server joining a running episode, or a stream that stalled
+            # for longer than the history: go on from the newest complete observation
+            r.ep["t_next"] = min(newest) if len(newest) == len(bufs) else None
+        t = r.ep["t_next"]
+        obs = None if t is None else ob.at(t, max_skew=dt / 2)  # a sample that never came: the nearest within half a step
+        if obs is None and t is not None and ob.moved_past(t):
+            # a stream skipped more than half a step around t: go on from the newest complete observation
+            r.skipped += 1
+            r.ep["t_next"] = t = max(min(b[-1][0] for b in bufs.values()), round(t + dt, 9))
+            obs = ob.at(t, max_skew=dt / 2)
+        if obs is None:  # say what it waits for: the step time and each stream's newest stamp (-1: none yet)
+            waiting[f"{r.prefix}waiting_for"] = -1.0 if t is None else t
+            waiting.update({f"{r.prefix}newest.{k}": b[-1][0] if b else -1.0 for k, b in bufs.items()})
+            return None
+        return t, obs
+
+    def plans(r: Robot) -> bool:
+        """Whether the robot's next step plans a chunk."""
+        return not r.agent.queue or len(r.agent.queue) == int(p["plan_ahead"])
+
+    waiting: dict = {}
+    first_ready = [None]
+
     def loop() -> None:
         while not stop.is_set():
             with lock:
-                if "agent" in s:
+                if "policy" in s:
                     heartbeat()
-                if not (ep["running"] and life.active.is_set()):
-                    if "agent" in s:
+                running = [r for r in robots if r.ep["running"]] if life.active.is_set() else []
+                if not running:
+                    if "policy" in s:
                         swap_if_pending()  # between episodes there is no inference to wait for
                     lock.wait(0.04)
                     continue
-                agent = s["agent"]
-                if ep["reset_seed"] is not None:  # a new episode: fresh windows, noise seeded by the episode's seed
-                    agent.reset(policy_rng(ep["reset_seed"]))
-                    ep["reset_seed"] = None
-                ob = obs_in["buffers"]
-                bufs, tol = ob.bufs, ob.tol
-                newest = [b[-1][0] for b in bufs.values() if b]
-                if ep["t_next"] is None or (len(newest) == len(bufs) and any(
-                        b[0][0] > ep["t_next"] + tol[k] for k, b in bufs.items())):
-                    # hardware, a (re)started server joining a running episode, or a stream that stalled
-                    # for longer than the history: go on from the newest complete observation
-                    ep["t_next"] = min(newest) if len(newest) == len(bufs) else None
-                t = ep["t_next"]
-                obs = None if t is None else ob.at(t)
-                if obs is None:  # say what it waits for: the step time and each stream's newest stamp (-1: none yet)
-                    report(waiting_for=-1.0 if t is None else t,
-                           **{f"newest.{k}": b[-1][0] if b else -1.0 for k, b in bufs.items()})
+                waiting.clear()
+                ready = [(r, *step) for r in running if (step := due(r)) is not None]
+                if not ready:
+                    resend_if_stalled(running)
+                    report()
                     lock.wait(0.04)
                     continue
-                ep["t_next"] = round(t + dt, 9)
+                late = [r for r in robots if r not in {x for x, _, _ in ready} and (
+                    r.ep["state"] == "ready" or (r.ep["running"] and not r.agent.queue))]
+                if late and any(plans(r) for r, _, _ in ready):
+                    # several robots: one about to plan waits a moment for those that plan next too (their
+                    # chunk ran out, or their episode is about to start)
+                    first_ready[0] = first_ready[0] or time.monotonic()
+                    if time.monotonic() - first_ready[0] < p["batch_wait_ms"] * 1e-3:
+                        lock.wait(0.001)
+                        continue
+                first_ready[0] = None
+                for r, t, _ in ready:
+                    r.ep["t_next"] = round(t + dt, 9)
                 swap_if_pending()
-            plan_ahead = int(p["plan_ahead"])
-            if 0 < plan_ahead and len(agent.queue) == plan_ahead:
-                agent.queue.clear()  # real time: plan the next chunk this many steps before this one runs out
-            first = agent.act(obs)
-            if len(agent.queue) == agent.n_act - 1:  # this step planned a new chunk: publish its executed part
-                action = ActionSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in s["policy"].spec_subset["action"].items()})
-                deltas = [action_to_delta(a, action.scale, action.mask) for a in [first, *agent.queue]]
-                msg = targets_to_msg(t, [(t + (k + 1) * dt, np.concatenate([dp, rot_to_quat(Rotation.from_rotvec(dr))]), g)
-                                         for k, (dp, dr, g) in enumerate(deltas)])
-                chunk_pub.publish(msg)
-                meter.tick()
+            for r, _, _ in ready:
+                if plans(r):
+                    r.agent.queue.clear()  # real time: plan the next chunk `plan_ahead` steps before this one runs out
+            planning = sum(not r.agent.queue for r, _, _ in ready)
+            firsts = act_batch([r.agent for r, _, _ in ready], [obs for _, _, obs in ready])
+            if planning:
+                batches.append(planning)
+            for (r, t, _), first in zip(ready, firsts):
+                if len(r.agent.queue) == r.agent.n_act - 1:  # this step planned a new chunk: publish its executed part
+                    publish_chunk(r, t, first)
             report()
             time.sleep(0)
 
-    def report(**waiting) -> None:
-        lat = np.asarray(s["agent"].latencies_ms[-1000:] or [0.0])
-        diag.maybe_publish({"chunks_per_s": meter.rate(), "sampler": sampler(), "device": device,
-                            "version": s["version"], "inference_p50_ms": float(np.median(lat)),
-                            "inference_p99_ms": float(np.percentile(lat, 99)), "episode": ep["episode"], **waiting})
+    def publish_chunk(r: Robot, t: float, first: np.ndarray) -> None:
+        action = ActionSpec(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in s["policy"].spec_subset["action"].items()})
+        deltas = [action_to_delta(a, action.scale, action.mask) for a in [first, *r.agent.queue]]
+        msg = targets_to_msg(t, [(t + (k + 1) * dt, np.concatenate([dp, rot_to_quat(Rotation.from_rotvec(dr))]), g)
+                                 for k, (dp, dr, g) in enumerate(deltas)])
+        r.chunk_pub.publish(msg)
+        r.last_chunk = (msg, t, time.monotonic())
+        meter.tick()
+
+    def resend_if_stalled(running: list[Robot]) -> None:
+        """A cell whose observations have not moved past a chunk's observation time for RESEND_S of
+        wall time never got that chunk's first target (a lock-step sim waits for it forever): send the
+        same chunk again. Idempotent downstream: the executor composes the same targets from the same
+        base; in real time targets whose time has passed are skipped."""
+        for r in running:
+            if r.last_chunk is None or time.monotonic() - r.last_chunk[2] < RESEND_S:
+                continue
+            msg, t, _ = r.last_chunk
+            newest = [b[-1][0] for b in r.buffers.bufs.values() if b]
+            if newest and max(newest) < t + dt / 2:
+                r.chunk_pub.publish(msg)
+                r.last_chunk = (msg, t, time.monotonic())
+                r.resent += 1
+                diag.error(f"policy: {r.prefix or '/'} stalled at t={t:.3f} waiting for its chunk's targets; chunk sent again")
+
+    def report() -> None:
+        lat = np.asarray([x for r in robots for x in r.agent.latencies_ms[-1000:]] or [0.0])
+        del batches[:-1000]
+        diag.maybe_publish({"chunks_per_s": meter.rate(), "sampler": sampler(s["policy"]), "device": device,
+                            "precision": p["precision"], "compile": p["compile"] or "off", "version": s["version"],
+                            "inference_p50_ms": float(np.median(lat)), "inference_p99_ms": float(np.percentile(lat, 99)),
+                            "robots": len(robots), "batch_mean": float(np.mean(batches)) if batches else 0.0,
+                            "batch_max": max(batches, default=0), "resent_chunks": sum(r.resent for r in robots),
+                            "skipped_steps": sum(r.skipped for r in robots),
+                            **{f"{r.prefix}episode": r.ep["episode"] for r in robots}, **waiting})
 
     return node, loop
 

@@ -3,14 +3,15 @@
 
 Per policy step (robot_rl.recording.StepAssembler): every observation key of the cell at full
 resolution (cameras from `image_raw`), the executed action (from `arm/target`, what passed the
-safety filter), the policy's proposed action (`policy/target`), the intervention flag
-(`intervention`), the task reward (`episode/reward`). An episode stopped with success/failure is
-committed with that label; an abort, or `recorder/discard` while it runs, drops it. Samples that
-arrive too late for their step are counted per key (`dropped` in the episode's metadata, in
-`recorder/status` and in /diagnostics), never silently. The source is `teleop`, or `hil` once a
-policy's targets were seen (source:=<name> forces it); the policy server's weights versions that acted
-in the episode (`policy/info`, hot reloads included) are stored as `policy_versions`. `recorder/status` (latched JSON) says what
-the store holds and what is being recorded.
+safety filter; a safety hold makes the measured pose the commanded target), the policy's proposed
+action (`policy/target`), the intervention flag (`intervention`), the task reward
+(`episode/reward`). An episode stopped with success/failure is committed with that label; an abort,
+or `recorder/discard` while it runs, drops it. Samples that arrive too late for their step are
+counted per key (`dropped` in the episode's metadata, in `recorder/status` and in /diagnostics),
+never silently. The source is `teleop`, or `hil` once a policy's targets were seen (source:=<name>
+forces it); the policy server's weights versions that acted in the episode (`policy/info`, hot
+reloads included) are stored as `policy_versions`. `recorder/status` (latched JSON) says what the
+store holds and what is being recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from robot_rl.nodes.common import (
     ObservationBuffers,
     cell_spec,
     declare,
+    is_holding,
     json_state,
     msg_to_targets,
     qos,
@@ -59,8 +61,9 @@ def build(cfg, _rt_note, stop):
     from robot_rl.store import EpisodeWriter, StoreError
 
     node = Node("recorder")
-    p = declare(node, {"hardware_config": cfg.source, "store": "", "task": cfg.sim.task, "source": "auto",
-                       "operator": "", "image_codec": "blosc_zstd"})
+    # the task names the action mask (and in sim the sim-only keys); a robot cell records all 7 dims unless told
+    p = declare(node, {"hardware_config": cfg.source, "store": "", "task": cfg.sim.task if cfg.is_sim else "",
+                       "source": "auto", "operator": "", "image_codec": "blosc_zstd"})
     if not p["store"]:
         raise ValueError("recorder: set the store: -p store:=<path.zarr>")
     spec = cell_spec(cfg, p["task"])
@@ -110,6 +113,14 @@ def build(cfg, _rt_note, stop):
             for t, pose, g in targets:
                 feed(kind, (t, pose, g))
         return cb
+
+    def on_safety(m) -> None:
+        """A hold during the episode: the arm holds its measured pose, the commanded target from then on."""
+        t = (json_state(m) or {}).get("t")
+        if is_holding(m) and isinstance(t, (int, float)):
+            with cond:
+                if rec["asm"] is not None:
+                    rec["asm"].add_hold(float(t))
 
     def on_episode(m) -> None:
         if (s := json_state(m)) is None:
@@ -161,7 +172,7 @@ def build(cfg, _rt_note, stop):
                 if item[0] >= rec["t0"] - dt or kind == "flags":
                     _route(asm, kind, item)
             items.clear()
-        writer.begin_episode("teleop" if p["source"] == "auto" else p["source"], task=p["task"] if cfg.is_sim else "",
+        writer.begin_episode("teleop" if p["source"] == "auto" else p["source"], task=p["task"],
                              operator=p["operator"], start_time=time.time(), seed=rec["seed"], episode=rec["episode"],
                              stamp0=rec["t0"])
         rec["asm"] = asm
@@ -201,6 +212,7 @@ def build(cfg, _rt_note, stop):
     node.create_subscription(Vector3Stamped, "episode/reward", lambda m: feed(
         "rewards", (stamp_to_sec(m.header.stamp), m.vector.x)), qos("state"))
     node.create_subscription(String, "policy/info", on_info, qos("latched"))
+    node.create_subscription(String, "safety/state", on_safety, qos("latched"))
     node.create_service(Trigger, "recorder/discard", discard_srv)
     announce()
 

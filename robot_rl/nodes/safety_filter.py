@@ -64,7 +64,7 @@ def build(cfg, _rt_note, stop):
     measured = {"pose": None, "stamp": 0.0}
     # armed: targets passed since the last hold; while an episode runs a hold is always sent (in lock-step
     # the sim then runs on instead of waiting for targets that will not come)
-    state = {"holding": None, "reasons": {}, "armed": False, "episode_running": False}
+    state = {"holding": None, "reasons": {}, "armed": False, "episode_running": False, "hold_pending": False}
     arm_hold = node.create_client(Trigger, "arm/hold")
     out_pub = node.create_publisher(MultiDOFJointTrajectory, "arm/target", qos("command"))
     state_pub = node.create_publisher(String, "safety/state", qos("latched"))
@@ -75,10 +75,11 @@ def build(cfg, _rt_note, stop):
 
     def hold() -> None:
         gate.checker.passed.clear()
-        if arm_hold.service_is_ready():
-            arm_hold.call_async(Trigger.Request())
+        state["hold_pending"] = not arm_hold.service_is_ready()
+        if state["hold_pending"]:  # the loop calls it once the arm offers it (a lock-step sim waits for it)
+            diag.error("safety: arm/hold service not available yet; holding by sending no targets meanwhile")
         else:
-            diag.error("safety: arm/hold service not available; holding by sending no targets")
+            arm_hold.call_async(Trigger.Request())
 
     def publish_state(reasons: dict[str, str]) -> None:
         """On every change of the hold state or its reasons: hold the arm when a hold starts."""
@@ -209,6 +210,10 @@ def build(cfg, _rt_note, stop):
                 t = now()
                 reasons = gate.update(t)
                 publish_state(reasons)
+                if state["hold_pending"] and (not reasons or arm_hold.service_is_ready()):
+                    state["hold_pending"] = False  # no hold to deliver any more, or now it can be
+                    if reasons:
+                        arm_hold.call_async(Trigger.Request())
                 ages = {f"age_ms.{k}": min(w.age(t) * 1e3, 1e9) for k, w in gate.streams.items()}
             diag.maybe_publish({"holding": bool(reasons), "reasons": "; ".join(reasons.values()) or "none",
                                 "heartbeat_age_ms": min(gate.heartbeat.age(t) * 1e3, 1e9), **gate.checker.counts, **ages},

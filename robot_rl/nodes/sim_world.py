@@ -3,8 +3,7 @@ factor, refused targets, watchdog holds); the camera, F/T, arm and episode nodes
 
 from __future__ import annotations
 
-from robot_rl.drivers.sim_link import default_link_dir
-from robot_rl.nodes.common import Diagnostics, declare, pose_to_msg, qos, run_node, sec_to_stamp
+from robot_rl.nodes.common import Diagnostics, declare, pose_to_msg, qos, run_node, sec_to_stamp, sim_link_dir
 
 
 def build(cfg, _rt_note, stop):
@@ -19,7 +18,7 @@ def build(cfg, _rt_note, stop):
     cams = tuple(SimCamera(c.name, c.width, c.height, c.rate_hz) for c in cfg.cameras if c.backend == "mujoco")
     a = cfg.arm
     world = SimWorld(
-        task=p["sim.task"], link_dir=default_link_dir(p["sim.link"]), mode=p["sim.mode"], cameras=cams,
+        task=p["sim.task"], link_dir=sim_link_dir(node, p["sim.link"]), mode=p["sim.mode"], cameras=cams,
         command_hz=p["rates.command_hz"], target_period=1.0 / p["rates.policy_hz"], limits=cfg.safety_limits(),
         seed=p["sim.seed"], render_geometry=p["sim.render_geometry"],
         task_setup={"controller_hz": cfg.rates.controller_hz, "gains": {

@@ -38,13 +38,8 @@ class ReachAroundEnv(FrankaTaskEnv):
 
     def after_reset(self):
         """Bring the tool to its start pose on the near side of the post, under impedance control."""
+        self.drive_tool_to(self._start)
         arm = self.arm
-        for _ in range(12):
-            tgt = arm.target
-            step = self._start - tgt[:3]
-            tgt[:3] += step * min(1.0, 0.06 / max(1e-9, np.linalg.norm(step)))
-            arm.run(tgt, 0.05)
-        arm.run(arm.target, 0.15)
         self._post_geoms = self.body_geoms("post")
         self._robot_geoms = np.flatnonzero(self.model.geom_bodyid > 0)
         self._robot_geoms = self._robot_geoms[~np.isin(self._robot_geoms, self._post_geoms)]
