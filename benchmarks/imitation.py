@@ -74,6 +74,8 @@ def main() -> None:
             for sol, n in r["solutions"].items():
                 out[f"{name}.{key}.solution_{sol}"] = round(n / r["episodes"], 3)
         out[f"{name}.paired"] = res["paired"]
+        if res["cm1_vs_ddim10"] is not None:
+            out[f"{name}.cm1_vs_ddim10"] = round(res["cm1_vs_ddim10"], 4)
         out[f"{name}.budget"] = {"demos": args.demos, "train_steps": args.train_steps, "distill_steps": args.distill_steps,
                                  "episodes": args.episodes, "images": args.images,
                                  "wall_min": round((time.perf_counter() - t0) / 60, 1)}

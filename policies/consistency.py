@@ -10,8 +10,13 @@ action chunks. The student is
 warm-started from the teacher (same network, dropout on) and trained on two terms, summed:
 
 - trajectory term: d( f_θ(x_t, t), ODE_teacher(x_t; t -> 0) ), the teacher's probability-flow
-  ODE solved with deterministic DDIM steps (stride `skip`) from t all the way to 0; half of each
-  batch starts at the one-step time 0.8 T, the other half at 2/3 or 1/3 of it or a random time;
+  ODE solved with deterministic DDIM steps (stride `skip`) from t all the way to 0. Half of each
+  batch is the one-step jump exactly as cm1 samples it: pure noise z ~ N(0, I) at the one-step
+  time 0.8 T, whose target is the chunk the teacher's own deterministic sampler (diffusers DDIM,
+  T / skip steps: ddim10 by default) draws from the same z — direct distillation of the sampler's
+  noise-to-chunk map (Luhman & Luhman, 2021), so the student is trained on the input it meets at
+  inference and copies the teacher mode for mode. The other half starts from noised data at 2/3 or
+  1/3 of the one-step time or a random time (the inputs of chained sampling);
 - local consistency term (consistency distillation, Song et al., ICML 2023):
   d( f_θ(x_{t+k}, t+k), f_θ⁻(Φ_teacher(x_{t+k}; t+k -> t), t) ), one DDIM step of the teacher,
   θ⁻ an EMA of the student (decay 0.95).
@@ -136,17 +141,19 @@ class Distiller:
         a0 = s.normalizer.normalize("action", batch["action"].float())
         b = a0.shape[0]
         pad = batch.get("action_is_pad")
-        # trajectory term: half the batch jumps from the one-step start time, half from another start
-        t0 = start_time(T)
-        others = [2 * t0 // 3, t0 // 3, int(torch.randint(1, t0 + 1, (1,)))]
-        half = b // 2
-        loss_g = a0.new_zeros(())
-        for rows, t_g in ((slice(0, half), t0), (slice(half, b), others[int(torch.randint(0, 3, (1,)))])):
-            ag = s.alphas_cumprod[t_g]
-            x_g = ag.sqrt() * a0[rows] + (1 - ag).sqrt() * torch.randn_like(a0[rows])
-            target_g = self.teacher_ode(x_g, t_g, cond_teacher[rows])
-            pred_g = s.consistency_fn(s.net, x_g, torch.full((x_g.shape[0],), t_g, device=a0.device), cond[rows])
-            loss_g = loss_g + masked_mean(self.distance(pred_g, target_g), None if pad is None else pad[rows])
+        # trajectory term. One-step half: pure noise at the one-step time -> the teacher sampler's chunk
+        # from that noise. Other half: noised data at another start time -> the teacher's ODE from there.
+        t0, half = start_time(T), b // 2
+        z = torch.randn_like(a0[:half])
+        target_1 = self.teacher.sample_normalized(cond_teacher[:half], f"ddim{T // self.skip}", noise=z)
+        pred_1 = s.consistency_fn(s.net, z, torch.full((half,), t0, device=a0.device), cond[:half])
+        loss_g = masked_mean(self.distance(pred_1, target_1), None if pad is None else pad[:half])
+        t_g = [2 * t0 // 3, t0 // 3, int(torch.randint(1, t0 + 1, (1,)))][int(torch.randint(0, 3, (1,)))]
+        ag = s.alphas_cumprod[t_g]
+        x_g = ag.sqrt() * a0[half:] + (1 - ag).sqrt() * torch.randn_like(a0[half:])
+        target_g = self.teacher_ode(x_g, t_g, cond_teacher[half:])
+        pred_g = s.consistency_fn(s.net, x_g, torch.full((b - half,), t_g, device=a0.device), cond[half:])
+        loss_g = loss_g + masked_mean(self.distance(pred_g, target_g), None if pad is None else pad[half:])
         # local consistency term
         t_hi = torch.randint(self.skip, t0 + 1, (b,), device=a0.device)
         t_lo = t_hi - self.skip

@@ -287,6 +287,10 @@ def write_report(out: Path, summaries, learned: dict | None = None) -> None:
             lines.append(f"| {r['policy']} | {r['sampler']} | {r['episodes']} | {100 * r['success_rate']:.1f}% | "
                          f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] | {r['latency_p50_ms']:.2f} | "
                          f"{r['latency_p99_ms']:.2f} | {ddim / max(1e-9, r['latency_p50_ms']):.1f}x |")
+        if learned.get("cm1_vs_ddim10") is not None:
+            lines += ["", f"Noise for noise, the student's one-step chunk lies {learned['cm1_vs_ddim10']:.3f} (normalised "
+                      "units, executed steps, used action dimensions) from the teacher's DDIM-10 chunk drawn from the "
+                      "same noise, on demonstration windows."]
         lines += ["", "Training curves: ![teacher](learn/teacher/curves.png) ![student](learn/student/curves.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

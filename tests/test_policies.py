@@ -17,6 +17,7 @@ from robot_rl.policies.normalizer import Normalizer
 from robot_rl.sim import make_env, make_expert
 
 from robot_rl.learning.evaluate import ChunkAgent, evaluate
+from robot_rl.learning.pipeline import sampler_gap
 from robot_rl.learning.train import LoopConfig, distill, train_diffusion
 from robot_rl.rollout import EpisodeRecorder, RandomPolicy, run_episodes
 from robot_rl.spec import SpecError, check_compatible
@@ -159,6 +160,12 @@ def test_training_lowers_the_loss_and_beats_random_on_reach(reach_store, tmp_pat
     loop_d = LoopConfig(steps=200, batch_size=128, lr=3e-4, warmup_steps=20, eval_episodes=0, ckpt_every=0, log_every=20)
     student, dh = distill(tmp_path / "teacher", tmp_path / "student", loop_d, skip=20, progress=False)
     assert student.kind == "consistency" and dh.loss[-1] <= dh.loss[0]
+    # noise for noise, the one-step chunk moved closer to the teacher's DDIM chunk (executed steps, xyz)
+    warm = ConsistencyPolicy(student.cfg, student.normalizer)
+    warm.load_state_dict(policy.state_dict())
+    gaps = [sampler_gap(s, policy, [str(reach_store)], teacher_sampler="ddim5") for s in (warm, student)]
+    print("cm1 vs teacher ddim5, warm start / distilled", gaps)
+    assert gaps[1] < 0.95 * gaps[0], gaps
     one = evaluate(student, env, "reach", 20, 100_000, "cm1")
     three = evaluate(student, env, "reach", 20, 100_000, "cm3")
     print("student cm1", one.successes, "cm3", three.successes)

@@ -8,9 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from robot_rl.learning.evaluate import EvalResult, evaluate
-from robot_rl.learning.train import LoopConfig, distill, train_diffusion
+from robot_rl.learning.train import LoopConfig, build_dataset, distill, train_diffusion
 from robot_rl.policies.checkpoint import load_policy
+from robot_rl.policies.diffusion import DiffusionPolicy
 
 
 @dataclass
@@ -75,8 +79,29 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
         env.close()
         results.append(r)
         rows.append({"policy": label, **r.to_dict()})
+    gap = None if student is None else sampler_gap(student, teacher, [str(store)])
     return {"task": cfg.task, "rows": rows, "store": str(store), "teacher": str(teacher_dir), "student": str(student_dir),
-            "paired": _paired(results)}
+            "paired": _paired(results), "cm1_vs_ddim10": gap}
+
+
+@torch.no_grad()
+def sampler_gap(student: DiffusionPolicy, teacher: DiffusionPolicy, stores: list[str], sampler: str = "cm1",
+                teacher_sampler: str = "ddim10", windows: int = 256, seed: int = 0) -> float:
+    """How closely a distilled student copies its teacher, noise for noise: the mean |student chunk -
+    teacher chunk| drawn from the same initial noise on demonstration windows, over the executed steps
+    and the action dimensions the task uses (normalised units, so 2 spans an action's whole range)."""
+    cfg = teacher.cfg
+    ds, _ = build_dataset(stores, cfg.n_obs_steps, cfg.horizon, [*cfg.state_keys, *cfg.image_keys])
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, len(ds), (windows,), generator=g).tolist()
+    device = teacher.alphas_cumprod.device
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in ds[rows].items()}
+    z = torch.randn((windows, cfg.horizon, cfg.action_dim), generator=g).to(device)
+    student.eval()
+    chunks = [p.sample_normalized(p.condition(batch), name, noise=z)
+              for p, name in ((student, sampler), (teacher.eval(), teacher_sampler))]
+    start, mask = cfg.n_obs_steps - 1, torch.tensor(teacher.spec_subset["action"]["mask"], device=device)
+    return float((chunks[0] - chunks[1])[:, start:start + cfg.n_action_steps][..., mask].abs().mean())
 
 
 def _paired(results: list[EvalResult]) -> dict:
