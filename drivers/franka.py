@@ -171,8 +171,10 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
                         raise _Restart
                     elif op == "stop":
                         running = False
-                if ctrl is not None and running:
-                    ctrl.writeOnce(pf.Torques(ctl.torque(state, model, now, dt).tolist()))
+                if ctrl is not None:
+                    cmd = pf.Torques(ctl.torque(state, model, now, dt).tolist())
+                    cmd.motion_finished = not running  # "stop" ends the motion in this cycle, not by lost cycles
+                    ctrl.writeOnce(cmd)
                 if now - last_state >= STATE_PERIOD:
                     last_state = now
                     conn.send_bytes(json.dumps({

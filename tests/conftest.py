@@ -29,6 +29,17 @@ def franka_sim_lenient(tmp_path):
     yield from _franka_sim(tmp_path, [])
 
 
+def _robot_share() -> None:
+    """The simulated robot stands for a controller with a machine of its own: on two cores shared with a
+    dozen nodes and a learner, a normal share starved its 1 kHz loop (220-420 Hz measured, then a
+    communication reflex that says nothing about our code). A larger CPU share (nice -10, not real time:
+    it still cannot lock the nodes out) where permitted."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except PermissionError:
+        pass
+
+
 def _franka_sim(tmp_path, flags):
     server = FRANKA_SIM_VENV / "bin" / "run-franka-sim-server"
     if not server.exists():
@@ -36,7 +47,7 @@ def _franka_sim(tmp_path, flags):
     mjcf = next((FRANKA_SIM_VENV / "lib").glob("python3*/site-packages/gym_hil/assets/panda.xml"))
     log = open(tmp_path / "franka_sim.log", "w")
     proc = subprocess.Popen([str(server), *flags], env={**os.environ, "FR3_MJCF": str(mjcf)},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_robot_share)
     deadline = time.monotonic() + 60
     while "Server ready" not in (tmp_path / "franka_sim.log").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "franka_sim.log").read_text()[-2000:]
