@@ -255,7 +255,8 @@ class EpisodeRunner:
         else:
             self._reset_home(k)
         g.call(Trigger, "episode/start", Trigger.Request(), f"start of episode {k}")
-        g.spin_until(lambda: state.get("episode") == k and state.get("state") == "running", 30, "running")
+        # the manager counts its resets: a robot's home move asked again makes its number run ahead of k
+        g.spin_until(lambda: state.get("episode", -1) >= k and state.get("state") == "running", 30, "running")
         if self.home is not None:
             clock["t"] = time.time()  # a robot's stamps are on the wall clock
         t_start, t0 = time.monotonic(), state["t"]
