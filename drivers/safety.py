@@ -113,8 +113,13 @@ class StreamWatchdog:
     def age(self, now: float) -> float:
         return float("inf") if self.last is None else now - self.last
 
+    @property
+    def limit(self) -> float:
+        """The age past which the stream is stale."""
+        return max(self.periods * self.period, self.min_age)
+
     def stale(self, now: float) -> bool:
-        return self.age(now) > max(self.periods * self.period, self.min_age)
+        return self.age(now) > self.limit
 
     def reset(self) -> None:
         self.last = None

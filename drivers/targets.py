@@ -3,6 +3,12 @@ re-check against the safety limits, the reference for the next control period an
 watchdog. Shared by `sim_world` (sim) and the Franka control process, so both execute a target
 stream the same way: a target is where the tool should be at its time; targets whose time has passed
 are superseded, never shifted; a stream older than two of its periods makes the arm hold.
+
+A stream speaks until its last target's time, not only when a message arrives: a policy sends a whole
+chunk at once (0.7 s of targets every 0.7 s), and judging it by arrivals alone held the arm 0.2 s into
+every chunk in real time (in sim and on the Franka), so each chunk ran two of its steps. The arm runs
+a queued plan (checked targets, at most MAX_LEAD_S ahead) to its end; a source that dies mid-plan is
+the safety filter's to catch (policy heartbeat, two policy periods → /arm/hold, which empties the queue).
 """
 
 from __future__ import annotations
@@ -41,9 +47,13 @@ class TargetQueue:
         self.watchdog = StreamWatchdog(declared_period, limits.watchdog_periods)
         self.refused = 0
         self.stale_holds = 0
+        self.plan_end = float("-inf")  # the last queued target's time: the stream speaks until then
 
     def clear(self) -> None:
+        """Drop the plan (a hold, a home move): the stream's next target starts a new one."""
         self.queue.clear()
+        self.watchdog.reset()
+        self.plan_end = float("-inf")
 
     def add(self, now: float, stamp: float, pose, gripper: float | None, current: np.ndarray, min_dt: float) -> str:
         """Queue a target after re-checking it; returns '' or why it was refused (the caller holds)."""
@@ -57,6 +67,7 @@ class TargetQueue:
             self.queue.clear()
             return v.reason
         self.watchdog.feed(now)
+        self.plan_end = stamp  # (the overlapping tail was replaced: this is the last)
         self.queue.append(Target(stamp, v.target, None if gripper is None else float(gripper)))
         return ""
 
@@ -83,11 +94,12 @@ class TargetQueue:
         return ref, gripper, arrived
 
     def stale(self, now: float) -> bool:
-        """The stream went silent for two of its periods (checked while a target stream is active)."""
-        if self.watchdog.last is not None and self.watchdog.stale(now):
+        """The stream went silent: nothing arrived and its plan ran out two of its periods ago (checked
+        while a target stream is active)."""
+        w = self.watchdog
+        if w.last is not None and w.stale(now) and now - self.plan_end > w.limit:
             self.stale_holds += 1
-            self.watchdog.reset()
-            self.queue.clear()
+            self.clear()
             return True
         return False
 

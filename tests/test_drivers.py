@@ -221,6 +221,25 @@ def test_target_checker_is_all_or_nothing_and_skips_late_targets():
     assert out == [] and "ahead" in why
 
 
+def test_the_arm_runs_a_chunk_sent_at_once_to_its_end_and_holds_when_the_stream_dies():
+    """A policy's chunk arrives as one burst of targets (0.1 s apart, 0.7 s of plan); the command
+    watchdog judged it by arrivals alone and held the arm 0.2 s into every chunk in real time."""
+    from robot_rl.drivers.targets import TargetQueue
+
+    q = TargetQueue(SafetyLimits(max_speed=1.0), declared_period=0.1)
+    here = np.r_[0.5, 0.0, 0.3, DOWN]
+    for k in range(7):
+        assert q.add(1.0, 1.1 + 0.1 * k, here + np.r_[0.01 * (k + 1), 0, 0, 0, 0, 0, 0], None, here, 1e-3) == ""
+    ref, t = here, 1.0
+    while t < 1.7 + 1e-9:  # a 100 Hz control loop through the chunk: no hold while its targets are ahead
+        assert not q.stale(t), t
+        ref, _, _ = q.reference(t, 0.01, ref)
+        t = round(t + 0.01, 9)
+    assert ref[0] == pytest.approx(0.57) and not q.queue, "the whole chunk ran"
+    assert not q.stale(1.7 + 0.19) and q.stale(1.7 + 0.21), "silent for two periods past its plan: hold"
+    assert q.stale_holds == 1 and not q.stale(5.0), "one hold; a held arm has no stream to watch until the next"
+
+
 def test_safety_gate_holds_for_streams_heartbeat_wrench_and_estop():
     g = SafetyGate(SafetyLimits(watchdog_min_s=0.05), policy_period=0.1, wrench_limit=40.0)
     g.watch_stream("wrist/image_policy", 1 / 30)

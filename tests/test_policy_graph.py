@@ -198,9 +198,13 @@ def test_robot_rl_run_prints_a_success_table(tmp_path, mode):
     result = json.loads((tmp_path / "run" / "run.json").read_text())
     assert result["episodes"] == 2 and [e["seed"] for e in result["per_episode"]] == [100000, 100001]
     assert all(e["sim_s"] >= 4.9 for e in result["per_episode"] if not e["success"])
-    executor = json.loads((tmp_path / "run" / "run_diagnostics.json").read_text())["action_executor"]
+    diagnostics = json.loads((tmp_path / "run" / "run_diagnostics.json").read_text())
+    executor = diagnostics["action_executor"]
     ensembled = float(executor["ensembled_targets"])
     assert ensembled > 0 if mode == "realtime" else ensembled == 0, executor
+    # each chunk arrives as one burst of targets: the arm's command watchdog lets it run to its end (it
+    # held the arm 0.2 s into every chunk, ~6 holds per episode, before it counted the queued plan)
+    assert diagnostics["sim_world"]["watchdog_holds"] == "0", diagnostics["sim_world"]
 
 
 def test_a_checkpoint_that_does_not_fit_the_graph_is_refused_with_one_line(tmp_path):
