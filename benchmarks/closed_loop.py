@@ -58,7 +58,7 @@ def through_ros(ckpt: str, episodes: int, mode: str, work: Path) -> dict:
     sim_s = sum(e["sim_s"] for e in res["per_episode"])
     ep_wall = sum(e["wall_s"] for e in res["per_episode"])
     diag = res["diagnostics"]
-    ex, srv = diag.get("action_executor", {}), diag.get("policy_server", {})
+    ex, srv, world = diag.get("action_executor", {}), diag.get("policy_server", {}), diag.get("sim_world", {})
     targets, late = float(ex.get("targets", 0)), float(ex.get("late_targets", 0))
     return {
         "success_rate": res["successes"] / res["episodes"],
@@ -68,6 +68,7 @@ def through_ros(ckpt: str, episodes: int, mode: str, work: Path) -> dict:
                     "p99_ms": float(ex.get("obs_to_target_p99_ms", "nan"))},
         "inference": {"p50_ms": float(srv.get("inference_p50_ms", "nan")), "p99_ms": float(srv.get("inference_p99_ms", "nan"))},
         "deadline_misses_per_1000": round(1000.0 * late / targets, 2) if targets else None,
+        "watchdog_holds": int(float(world.get("watchdog_holds", "nan"))) if "watchdog_holds" in world else None,
         "cpu_s_per_node": res["cpu_s"], "wall_s": round(wall, 1),
     }
 
@@ -91,12 +92,17 @@ def main() -> None:
             print(mode, json.dumps(figures[mode]), file=sys.stderr, flush=True)
     rt, ls, ip = figures["realtime"], figures["lockstep"], figures["inproc"]
     figures["lockstep_matches_inproc"] = ls["per_episode"] == ip["per_episode"]
+    figures["realtime_vs_inproc"] = {"only_inproc": sum(a > b for a, b in zip(ip["per_episode"], rt["per_episode"])),
+                                     "only_realtime": sum(b > a for a, b in zip(ip["per_episode"], rt["per_episode"]))}
     figures["ros"] = {"success_rate": rt["success_rate"]}  # the real-time run is "the robot"
     figures.update({"realtime_factor": rt["realtime_factor"], "latency": rt["latency"],
                     "deadline_misses_per_1000": rt["deadline_misses_per_1000"]})
     for m in ("lockstep", "realtime", "inproc"):
         figures[m].pop("per_episode")
-    emit("closed_loop", figures, "python benchmarks/closed_loop.py" + (" --full" if args.full else ""))
+    cmd = "python benchmarks/closed_loop.py" + (" --full" if args.full else f" --episodes {episodes}")
+    if Path(args.ckpt).resolve() != (ROOT / "reports" / "demo" / "learn" / "student").resolve():
+        cmd += f" --ckpt {figures['ckpt']}"
+    emit("closed_loop", figures, cmd)
 
 
 if __name__ == "__main__":
