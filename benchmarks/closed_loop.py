@@ -26,6 +26,7 @@ from _common import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 100000
+DEFAULT_CKPT = ROOT / "reports" / "demo" / "learn" / "student"  # the student `make demo` trains
 
 
 def in_process(ckpt: str, episodes: int) -> dict:
@@ -68,14 +69,14 @@ def through_ros(ckpt: str, episodes: int, mode: str, work: Path) -> dict:
                     "p99_ms": float(ex.get("obs_to_target_p99_ms", "nan"))},
         "inference": {"p50_ms": float(srv.get("inference_p50_ms", "nan")), "p99_ms": float(srv.get("inference_p99_ms", "nan"))},
         "deadline_misses_per_1000": round(1000.0 * late / targets, 2) if targets else None,
-        "watchdog_holds": int(float(world.get("watchdog_holds", "nan"))) if "watchdog_holds" in world else None,
+        "watchdog_holds": int(float(world["watchdog_holds"])) if "watchdog_holds" in world else None,
         "cpu_s_per_node": res["cpu_s"], "wall_s": round(wall, 1),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default=str(ROOT / "reports" / "demo" / "learn" / "student"))
+    ap.add_argument("--ckpt", default=str(DEFAULT_CKPT))
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--full", action="store_true", help="100 episodes")
     args = ap.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
     for m in ("lockstep", "realtime", "inproc"):
         figures[m].pop("per_episode")
     cmd = "python benchmarks/closed_loop.py" + (" --full" if args.full else f" --episodes {episodes}")
-    if Path(args.ckpt).resolve() != (ROOT / "reports" / "demo" / "learn" / "student").resolve():
+    if Path(args.ckpt).resolve() != DEFAULT_CKPT.resolve():
         cmd += f" --ckpt {figures['ckpt']}"
     emit("closed_loop", figures, cmd)
 
