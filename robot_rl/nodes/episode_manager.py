@@ -28,6 +28,7 @@ from robot_rl.nodes.common import (
 )
 
 STATES = ("idle", "ready", "running", "stopped")
+HOME_DISCOVERY_S = 5.0  # how long a reset waits for /arm/home to be discovered
 
 
 def build(cfg, _rt_note, stop):
@@ -67,8 +68,8 @@ def build(cfg, _rt_note, stop):
             if not done.wait(10.0):  # the loop thread receives the answer
                 return False, "sim_world did not confirm the reset within 10 s"
         elif home is not None:
-            if not home.service_is_ready():
-                return False, "/arm/home is not available; is arm_node running?"
+            if not home.wait_for_service(timeout_sec=HOME_DISCOVERY_S):  # discovery lags on a loaded host
+                return False, f"/arm/home is not available after {HOME_DISCOVERY_S:.0f} s; is arm_node running?"
             home.call_async(Trigger.Request())
             seed = None
         ep.update(episode=episode, state="ready", seed=seed, label=None, success=False, failed=False)

@@ -11,7 +11,8 @@ counted per key (`dropped` in the episode's metadata, in `recorder/status` and i
 never silently. The source is `teleop`, or `hil` once a policy's targets were seen (source:=<name>
 forces it); the policy server's weights versions that acted in the episode (`policy/info`, hot
 reloads included) are stored as `policy_versions`. `recorder/status` (latched JSON) says what the
-store holds and what is being recorded.
+store holds, what is being recorded, and which streams it still waits for (`waiting_for`: every
+observation key and the intervention flag; `streams_ready` once all arrived — start episodes only then).
 """
 
 from __future__ import annotations
@@ -78,13 +79,14 @@ def build(cfg, _rt_note, stop):
     side: dict[str, list] = {"executed": [], "proposed": [], "flags": [], "rewards": []}  # until an episode starts
     rec: dict = {"asm": None, "episode": None, "t0": None, "label": None, "stop_at": None, "policy_seen": False,
                  "seed": None, "discard": False, "served": None, "versions": set()}
+    flags_seen = [False]  # the mux's flag stream reached us (DDS discovery can lag the mux's other readers)
     totals = {"episodes": writer.n_episodes, "steps": writer.n_steps, "dropped": 0, "discarded": 0}
     status_pub = node.create_publisher(String, "recorder/status", qos("latched"))
     diag = Diagnostics(node)
 
     def status() -> dict:
         asm = rec["asm"]
-        waiting = sorted(k for k, n in obs_in.received.items() if n == 0)
+        waiting = sorted([k for k, n in obs_in.received.items() if n == 0] + ["intervention"] * (not flags_seen[0]))
         return {"store": str(p["store"]), **totals, "recording": asm is not None,
                 "episode": rec["episode"], "episode_steps": writer.episode_steps,
                 "episode_dropped": dict(asm.dropped) if asm else {}, "streams_ready": not waiting,
@@ -95,6 +97,7 @@ def build(cfg, _rt_note, stop):
 
     def feed(kind: str, item) -> None:
         with cond:
+            flags_seen[0] |= kind == "flags"
             asm = rec["asm"]
             if asm is None:
                 side[kind].append(item)
