@@ -31,12 +31,17 @@ class MujocoCamera:
         self.timeout = timeout
         self.overwritten = 0
 
+    def set_streaming(self, on: bool) -> None:
+        """Pause or resume the frames: sim_world renders a camera only while someone receives it."""
+        self.link.set_streaming(on)
+
     def read_into(self, out: np.ndarray) -> float | None:
-        msg = self.link.recv(self.timeout)
+        msg, latest = self.link.recv(self.timeout), None
         while msg is not None:
-            latest = msg
+            if msg.get("op") == "frame":
+                latest = msg
             msg = self.link.recv(0.0)  # a consumer that fell behind skips to the newest frame
-            if msg is None and latest.get("op") == "frame":
+            if msg is None and latest is not None:
                 if self.ring.read_into(latest["slot"], latest["seq"], out):
                     return float(latest["stamp"])
                 self.overwritten += 1

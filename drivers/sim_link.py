@@ -175,6 +175,9 @@ class WorldLink:
                     self.subscribers.setdefault(stream, set()).add(addr)
                 self.ep.send(addr, {"op": "welcome", "cameras": {k: vars(v) for k, v in self.cameras.items()},
                                     **self.info})
+            elif msg.get("op") == "bye":  # a client pauses streams (a camera no one watches is not rendered)
+                for stream in msg.get("streams", []):
+                    self.subscribers.get(stream, set()).discard(addr)
             else:
                 msg["_from"] = addr
                 out.append(msg)
@@ -227,6 +230,10 @@ class LinkClient:
         self.ep.close()
         raise LinkError(f"sim link: no sim_world answered at {self.dir} within {timeout:.0f} s; "
                         "start sim_world (launch/sim_bringup.launch.yaml) with the same sim_link")
+
+    def set_streaming(self, on: bool) -> None:
+        """Resume (hello) or pause (bye) this client's streams; sim_world skips work no one receives."""
+        self.send({"op": "hello" if on else "bye", "streams": self.streams})
 
     def send(self, msg: dict[str, Any]) -> None:
         if not self.ep.send(self.world, msg):

@@ -49,6 +49,7 @@ class SimWorld:
         self.t = 0.0
         self.cameras = cameras
         self._next_frame = {c.name: 0.0 for c in cameras}
+        self.frames_rendered = {c.name: 0 for c in cameras}
         fovy = {c.name: float(self.env.model.cam_fovy[self.env._cam_id(c.name)]) for c in cameras}
         arm = self.env.arm
         self.link = WorldLink(Path(link_dir), [(c.name, c.width, c.height, fovy[c.name]) for c in cameras], {
@@ -158,7 +159,8 @@ class SimWorld:
         for c in self.cameras:
             if self.t + 1e-9 >= self._next_frame[c.name]:
                 self._next_frame[c.name] += 1.0 / c.rate_hz
-                if self.link.has_subscribers(f"camera/{c.name}"):
+                if self.link.has_subscribers(f"camera/{c.name}"):  # no one receives it: not rendered
+                    self.frames_rendered[c.name] += 1
                     self.link.publish_frame(c.name, self.env.render_camera(c.name, c.width, c.height, self.geometry),
                                             self.t)
 

@@ -7,12 +7,14 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels are part of `make test` (extra 'ros')")
 
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseStamped, WrenchStamped  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, JointState  # noqa: E402
@@ -46,8 +48,6 @@ def _sim_now(probe: Probe) -> float:
 def _stream(probe: Probe, pub, pose: np.ndarray, done, what: str, proc, log, timeout: float = 30.0) -> None:
     """Stream the same absolute target at ~20 Hz (as the executor would: a silent stream makes the arm
     hold) until `done()` or the timeout."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         t = _sim_now(probe)
@@ -115,6 +115,27 @@ def test_sim_bringup_topics_targets_safety_and_shutdown(tmp_path):
             got = json.loads(udp.stdout.strip().splitlines()[-1])
             assert got["/front/image_policy"]["count"] >= 10 and got["/front/image_policy"]["last"] == [84, 84, 84 * 84 * 3]
             assert got["/joint_states"]["count"] >= 10  # (discovery takes part of the 4 s: this checks the path)
+
+            # a camera no one watches is not rendered (sim_world's count stops); watched again, it streams
+            probe.subscribe("/diagnostics", DiagnosticArray, qos("state"))
+            for topic in ("/wrist/image_raw", "/wrist/image_policy", "/wrist/camera_info"):
+                probe.unsubscribe(topic)
+
+            def rendered() -> dict:
+                d = probe.diagnostic("sim_world")
+                return {c: int(d.get(f"frames_rendered.{c}", -1)) for c in ("front", "wrist")}
+
+            def wrist_paused() -> bool:
+                before = rendered()
+                time.sleep(2.5)  # diagnostics come once a second
+                after = rendered()
+                return after["wrist"] == before["wrist"] >= 0 and after["front"] > before["front"]
+
+            probe.wait_for(wrist_paused, 60, "sim_world to stop rendering the unwatched wrist camera", proc, log)
+            probe.subscribe("/wrist/image_raw", Image, qos("image"), raw=True)
+            probe.clear("/wrist/image_raw")
+            probe.wait_for(lambda: probe.count("/wrist/image_raw") >= 5, 30, "the wrist camera streaming again",
+                           proc, log)
 
             # F/T: the software bias zeroes the still tool's reading
             bias = probe.call(Trigger, "/ft/bias", Trigger.Request())
@@ -195,7 +216,6 @@ def _lockstep_run(tmp_path, name: str) -> np.ndarray:
             # time does not advance without commands
             t_last = _sim_now(probe)
             probe.wait_for(lambda: True, 1, "nothing")
-            import time
             time.sleep(0.5)
             assert _sim_now(probe) == pytest.approx(t_last), "lock-step sim advanced without a command"
         finally:

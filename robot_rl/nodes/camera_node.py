@@ -1,7 +1,9 @@
 """`camera_node`: one camera (backend `mujoco`, `opencv` or `realsense` from the hardware config).
 Publishes `/<camera>/image_raw` (full resolution, written as CDR bytes in one copy),
 `/<camera>/image_policy` (resized here to the policy resolution; small enough for any network) and
-`/<camera>/camera_info` (intrinsics at full resolution), stamped with the device (or sim) time."""
+`/<camera>/camera_info` (intrinsics at full resolution), stamped with the device (or sim) time.
+A sim camera streams only while one of these topics has a subscriber: sim_world renders no frame
+that no one receives (a state-only policy runs without any rendering); a hardware camera always streams."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import numpy as np
 from robot_rl.drivers.camera import CAMERA_BACKENDS
 from robot_rl.nodes.common import Diagnostics, RateMeter, declare, qos, run_node, sim_link_dir
 from robot_rl.nodes.image_transport import ImageEncoder
+
+IDLE_POLL_S = 0.05  # a paused sim camera checks for subscribers this often
 
 
 def build(cfg, rt_note, stop):
@@ -56,9 +60,21 @@ def build(cfg, rt_note, stop):
     node.close = close
     node.get_logger().info(f"camera '{name}': {c['backend']} {w}x{h} -> policy {pw}x{ph}")
 
+    on_demand = hasattr(cam, "set_streaming")  # the sim renders a camera only while someone receives it
+    streaming = True
+
     def loop() -> None:
-        nonlocal missed, published
+        nonlocal missed, published, streaming
         while not stop.is_set():
+            if on_demand and streaming != (wanted := raw_pub.get_subscription_count() + pol_pub.get_subscription_count()
+                                           + info_pub.get_subscription_count() > 0):
+                cam.set_streaming(streaming := wanted)
+                node.get_logger().info(f"camera '{name}': " + ("streaming" if wanted else "paused: no subscribers"))
+            if not streaming:
+                diag.maybe_publish({"state": "paused (no subscribers)", "published": published,
+                                    "backend": c["backend"]})
+                stop.wait(IDLE_POLL_S)
+                continue
             stamp = cam.read_into(enc.pixels)
             if stamp is None:
                 if getattr(cam, "lockstep", False):

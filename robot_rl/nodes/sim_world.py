@@ -1,5 +1,6 @@
 """`sim_world`: the one process owning the MuJoCo cell. Publishes /clock and its diagnostics (real-time
-factor, refused targets, watchdog holds); the camera, F/T, arm and episode nodes reach it over the sim link."""
+factor, refused targets, watchdog holds, frames rendered per camera); the camera, F/T, arm and episode
+nodes reach it over the sim link."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def build(cfg, _rt_note, stop):
             object_pubs[name].publish(pose_msg)
         diag.maybe_publish({"sim_time": w.t, "real_time_factor": w.rtf, "episode": w.episode,
                             "refused_targets": w.targets.refused, "watchdog_holds": w.targets.stale_holds, "holding": w.holding,
-                            "mode": w.mode})
+                            "mode": w.mode, **{f"frames_rendered.{c}": n for c, n in w.frames_rendered.items()}})
 
     world.on_state = on_tick  # after every tick, reset and lock-step heartbeat
     return node, lambda: world.run(stop.is_set)

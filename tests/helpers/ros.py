@@ -97,6 +97,7 @@ class Probe:
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.msgs: dict[str, list] = defaultdict(list)
+        self.subs: dict[str, object] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._spin, daemon=True)
@@ -110,7 +111,10 @@ class Probe:
         def cb(msg, topic=topic):
             with self.lock:
                 self.msgs[topic].append((time.monotonic(), msg))
-        self.node.create_subscription(msg_type, topic, cb, qos, raw=raw)
+        self.subs[topic] = self.node.create_subscription(msg_type, topic, cb, qos, raw=raw)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.node.destroy_subscription(self.subs.pop(topic))
 
     def latest(self, topic: str):
         with self.lock:
