@@ -28,6 +28,8 @@ import numpy as np
 SLOTS = 4  # frames in flight per camera; a consumer has SLOTS-1 camera periods to copy one
 _SLOT_HEADER = struct.Struct("<Qd")  # sequence number, stamp (s); sequence 0 = being written
 _MAX_DATAGRAM = 65536
+_FULL_QUEUE_RETRY_S = 0.0002
+LOCKSTEP_SEND_WAIT_S = 2.0  # lock-step: how long a send waits for a consumer that has not read (then drops)
 
 
 class LinkError(RuntimeError):
@@ -112,18 +114,26 @@ class _Endpoint:
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.path = path
+        self.dropped = 0  # datagrams dropped on a full peer queue
 
-    def send(self, addr: str, msg: dict[str, Any]) -> bool:
-        """Non-blocking send; False when the peer is gone (the caller forgets it)."""
-        try:
-            self.sock.sendto(_encode(msg), addr)
-            return True
-        except BlockingIOError:
-            return True  # peer's queue full: this sample is dropped, the next one will do
-        except OSError as e:
-            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return False
-            raise
+    def send(self, addr: str, msg: dict[str, Any], wait_s: float = 0.0) -> bool:
+        """Send without blocking; False when the peer is gone (the caller forgets it). A peer's queue
+        holds few datagrams (net.unix.max_dgram_qlen, 10 by default): when it is full the sample is
+        dropped, or with `wait_s` retried until the peer has read (lock-step loses nothing)."""
+        data, deadline = _encode(msg), time.monotonic() + wait_s
+        while True:
+            try:
+                self.sock.sendto(data, addr)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.dropped += 1
+                    return True  # real time: this sample is dropped, the next one will do
+                time.sleep(_FULL_QUEUE_RETRY_S)
+            except OSError as e:
+                if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                    return False
+                raise
 
     def recv(self, timeout: float | None = 0.0) -> tuple[dict[str, Any], str] | None:
         if timeout and not select.select([self.sock], [], [], timeout)[0]:
@@ -163,6 +173,7 @@ class WorldLink:
         self.cameras = {name: CameraRingInfo(name, w, h, fovy, self.rings[name].path) for name, w, h, fovy in cameras}
         self.info = info
         self.subscribers: dict[str, set[str]] = {}
+        self.send_wait_s = LOCKSTEP_SEND_WAIT_S if info.get("mode") == "lockstep" else 0.0
 
     def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
         """Drain pending datagrams. Hellos are answered here; everything else is returned."""
@@ -190,7 +201,7 @@ class WorldLink:
     def publish(self, stream: str, msg: dict[str, Any]) -> None:
         subs = self.subscribers.get(stream)
         if subs:
-            for addr in [a for a in subs if not self.ep.send(a, msg)]:
+            for addr in [a for a in subs if not self.ep.send(a, msg, self.send_wait_s)]:
                 subs.discard(addr)
 
     def publish_frame(self, camera: str, image: np.ndarray, stamp: float) -> None:

@@ -35,6 +35,7 @@ from robot_rl.drivers.safety import (
     check_target,
     clip_action,
 )
+from robot_rl.drivers.sim_link import LinkClient, WorldLink
 
 from robot_rl.executor import chunk_problem
 from robot_rl.hardware import HardwareConfigError, load_hardware_config
@@ -238,6 +239,37 @@ def test_the_arm_runs_a_chunk_sent_at_once_to_its_end_and_holds_when_the_stream_
     assert ref[0] == pytest.approx(0.57) and not q.queue, "the whole chunk ran"
     assert not q.stale(1.7 + 0.19) and q.stale(1.7 + 0.21), "silent for two periods past its plan: hold"
     assert q.stale_holds == 1 and not q.stale(5.0), "one hold; a held arm has no stream to watch until the next"
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "realtime"])
+def test_a_burst_on_the_sim_link_reaches_a_slow_reader_whole_in_lockstep(tmp_path, mode):
+    """A lock-step sim runs a whole chunk in milliseconds: 80 states in a burst, far more than a Unix
+    datagram queue holds (net.unix.max_dgram_qlen, 10). Lock-step waits for the reader, real time drops."""
+    world = WorldLink(tmp_path, [], {"mode": mode})
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            world.poll(0.01)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = LinkClient(tmp_path, "arm", ["state"], timeout=5)
+    done.set()
+    server.join()
+    burst = threading.Thread(target=lambda: [world.publish("state", {"op": "state", "k": k}) for k in range(80)])
+    burst.start()
+    time.sleep(0.3)  # the reader is busy while the burst is sent
+    got = []
+    while (msg := client.recv(0.5)) is not None:
+        got.append(msg["k"])
+    burst.join()
+    if mode == "lockstep":
+        assert got == list(range(80)) and world.ep.dropped == 0
+    else:
+        assert len(got) < 80 and world.ep.dropped == 80 - len(got)  # never blocks the real-time sim
+    client.close()
+    world.close()
 
 
 def test_safety_gate_holds_for_streams_heartbeat_wrench_and_estop():

@@ -69,7 +69,8 @@ def qos(kind: str):
 
     table = {
         "image": QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
-        "state": QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
+        # 1 s at 100 Hz, writer and reader: a lock-step sim runs a whole chunk (0.8 s) in a burst of milliseconds
+        "state": QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
         "command": QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE),
         "latched": QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                               durability=DurabilityPolicy.TRANSIENT_LOCAL),
@@ -204,7 +205,7 @@ class ObservationBuffers:
         def profile(kind: str):  # the table's profile, with a deeper queue when asked (the recorder)
             out = qos(kind)
             if queue_depth:
-                out.depth = queue_depth
+                out.depth = max(out.depth, queue_depth)
             return out
 
         self.cond = cond

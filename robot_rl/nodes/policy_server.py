@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from robot_rl.nodes.common import (
+    HISTORY,
     Diagnostics,
     Lifecycle,
     ObservationBuffers,
@@ -217,8 +218,12 @@ def build(cfg, _rt_note, stop):
         if not 0 <= int(p["plan_ahead"]) < n_act:
             raise ValueError(f"policy_server: plan_ahead {p['plan_ahead']} must be in [0, n_action_steps={n_act})")
         pcfg = policy.cfg
+        # lock-step: the sim runs a whole chunk ahead at once (no rendering: in milliseconds); every sample of it
+        # must still be here when the server steps through it, in the history and in the DDS queue
+        depth = max(HISTORY, int(np.ceil((n_act + 2) * dt / min(observation_streams(pcfg, cfg).values()))))
         for r in robots:
-            r.buffers = ObservationBuffers(node, [*pcfg.state_keys, *pcfg.image_keys], cfg, lock, prefix=r.prefix)
+            r.buffers = ObservationBuffers(node, [*pcfg.state_keys, *pcfg.image_keys], cfg, lock, history=depth,
+                                           queue_depth=depth, prefix=r.prefix)
             node.create_subscription(String, f"{r.prefix}episode/state", lambda m, r=r: on_episode(r, m), qos("latched"))
         node.create_subscription(String, "policy/weights", on_weights, qos("latched"))
         warmup_ms = warm_up([r.agent for r in robots])

@@ -1,6 +1,6 @@
 """`sim_world`: the one process owning the MuJoCo cell. Publishes /clock and its diagnostics (real-time
-factor, refused targets, watchdog holds, frames rendered per camera); the camera, F/T, arm and episode
-nodes reach it over the sim link."""
+factor, refused targets, watchdog holds, frames rendered per camera, link datagrams dropped on a full
+consumer queue — never in lock-step); the camera, F/T, arm and episode nodes reach it over the sim link."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def build(cfg, _rt_note, stop):
             object_pubs[name].publish(pose_msg)
         diag.maybe_publish({"sim_time": w.t, "real_time_factor": w.rtf, "episode": w.episode,
                             "refused_targets": w.targets.refused, "watchdog_holds": w.targets.stale_holds, "holding": w.holding,
-                            "mode": w.mode, **{f"frames_rendered.{c}": n for c, n in w.frames_rendered.items()}})
+                            "mode": w.mode, "link_dropped": w.link.ep.dropped,
+                            **{f"frames_rendered.{c}": n for c, n in w.frames_rendered.items()}})
 
     world.on_state = on_tick  # after every tick, reset and lock-step heartbeat
     return node, lambda: world.run(stop.is_set)
