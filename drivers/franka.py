@@ -28,6 +28,8 @@ STATE_PERIOD = 0.01  # state to the node at 100 Hz
 # franka::limitRate for torques: at most (kMaxTorqueRate - kLimitEps) = 999.999 Nm/s over one 1 ms cycle,
 # judged, as the robot judges it, from the torque the robot reports as last commanded (state.tau_J_d)
 TORQUE_STEP = (1000.0 - 1e-3) * 1e-3
+# the joints' torque range (Nm; the robot stops with tau_J_range_violation past it), commanded within 95 % of it
+TORQUE_MAX = 0.95 * np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class _Controller:
         # against the robot's own reference, not this loop's previous output: after a command lost on the
         # way (a busy host) the two differ, and a step from ours would be a discontinuity from the robot's
         last = np.asarray(state.tau_J_d)
-        return last + np.clip(tau - last, -TORQUE_STEP, TORQUE_STEP)
+        return np.clip(last + np.clip(tau - last, -TORQUE_STEP, TORQUE_STEP), -TORQUE_MAX, TORQUE_MAX)
 
 
 def _control_process(settings: dict, limits: dict, conn) -> None:

@@ -9,7 +9,7 @@ import signal
 import time
 
 import numpy as np
-from robot_rl.drivers.franka import FrankaArm, FrankaSettings
+from robot_rl.drivers.franka import TORQUE_MAX, TORQUE_STEP, FrankaArm, FrankaSettings, _Controller
 from robot_rl.drivers.safety import SafetyLimits
 
 
@@ -52,6 +52,28 @@ def _move(arm: FrankaArm, goal: np.ndarray, tol: float = 0.003):
     assert np.linalg.norm(s.ee_pose[:3] - goal[:3]) < tol, \
         f"did not reach {goal[:3]}: {s.ee_pose[:3]} (error {s.error!r}, refusals {arm.refusals[-3:]})"
     return s
+
+
+def test_the_torque_law_stays_inside_each_joints_range_and_rate():
+    """A term that asks for more than a joint can take (here a 50 Nm Coriolis term on the 12 Nm wrist)
+    is commanded at 95 % of the range, and never faster than the torque rate limit: past the range the
+    robot stops with tau_J_range_violation (seen under load in CI: the law clipped only the rate)."""
+    from types import SimpleNamespace
+
+    s = FrankaSettings(address="127.0.0.1")
+    ctl = _Controller(s, SafetyLimits())
+    ee = np.eye(4)
+    ee[:3, 3] = [0.5, 0.0, 0.4]
+    ee[:3, :3] = np.diag([1.0, -1.0, -1.0])  # tool down
+    model = SimpleNamespace(coriolis=lambda st: [0.0] * 6 + [50.0], zero_jacobian=lambda st: [0.0] * 42)
+    last = np.array([0.0] * 6 + [11.3])
+    for _ in range(5):
+        state = SimpleNamespace(O_T_EE=ee.T.flatten().tolist(), q=list(s.home_qpos), dq=[0.0] * 7,
+                                tau_J_d=last.tolist())
+        tau = ctl.torque(state, model, 0.0, 0.001)
+        assert np.all(np.abs(tau) <= TORQUE_MAX + 1e-9) and np.all(np.abs(tau - last) <= TORQUE_STEP + 1e-9)
+        last = tau
+    assert tau[6] == TORQUE_MAX[6]
 
 
 def test_franka_holds_moves_and_refuses(franka_sim_lenient):
