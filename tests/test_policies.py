@@ -190,6 +190,8 @@ def test_resume_continues_from_the_last_checkpoint(reach_store, tmp_path):
     longer = LoopConfig(**{**loop.__dict__, "steps": 30})
     _, resumed = train_diffusion([str(reach_store)], tmp_path / "t", dict(SMALL), longer, progress=False, resume=True)
     assert resumed.steps[:4] == first.steps[:4] and resumed.steps[-1] == 30  # history carried over, 10 more steps
+    assert first.timed_steps == 20 and resumed.timed_steps == 30  # the stage's clock sums the two runs
+    assert 0 < first.train_s < resumed.train_s
     assert json.loads((tmp_path / "t" / "config.json").read_text())["step"] == 30
 
 

@@ -52,6 +52,10 @@ class History:
     loss: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     success: list[float] = field(default_factory=list)
+    # wall seconds the loop ran (evaluations and checkpoints included) and the steps they cover, summed over
+    # resumes: a run resumed from a checkpoint written before they were kept times only the steps after it
+    train_s: float = 0.0
+    timed_steps: int = 0
 
 
 def build_dataset(stores: list[str], n_obs_steps: int, horizon: int, keys: list[str], image_source: str = "prepared"):
@@ -138,8 +142,10 @@ def run_loop(model: DiffusionPolicy, loss_fn: Callable[[dict], torch.Tensor], ds
     cols = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     running, t0 = [], time.perf_counter()
+    timed0 = (hist.train_s, hist.timed_steps)
 
     def checkpoint(step: int, final: bool = False):
+        hist.train_s, hist.timed_steps = timed0[0] + time.perf_counter() - t0, timed0[1] + step - start
         ema.copy_to(ema_model.parameters())
         info = {**extra, "step": step, "history": hist.__dict__}
         save_policy(ema_model, out if final else last, spec_subset, info)
