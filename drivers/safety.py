@@ -53,26 +53,35 @@ def clip_action(action: np.ndarray, limits: SafetyLimits) -> np.ndarray:
     return np.clip(a, -bound, bound)
 
 
+def pose_problem(target: np.ndarray, limits: SafetyLimits) -> str:
+    """Why an absolute target (xyz + wxyz) is refused whatever came before it ('' if it is not):
+    not 7 finite numbers, a non-unit quaternion, outside the workspace or tilted too far."""
+    t = np.asarray(target, dtype=np.float64)
+    if t.shape != (7,) or not np.all(np.isfinite(t)):
+        return "target is not 7 finite numbers (xyz + wxyz)"
+    if not 0.9 < (n := np.linalg.norm(t[3:])) < 1.1:
+        return f"target quaternion has norm {n:.3f}, not 1"
+    lo, hi = np.asarray(limits.workspace_low), np.asarray(limits.workspace_high)
+    if np.any(t[:3] < lo - 1e-9) or np.any(t[:3] > hi + 1e-9):
+        return f"target position {np.round(t[:3], 3).tolist()} is outside the workspace {list(lo)}..{list(hi)}"
+    tool_z = quat_to_rot(t[3:] / n).as_matrix()[:, 2]
+    nominal_z = quat_to_rot(np.asarray(limits.nominal_quat)).as_matrix()[:, 2]
+    tilt = float(np.arccos(np.clip(tool_z @ nominal_z, -1.0, 1.0)))  # yaw about the tool axis is free
+    if tilt > limits.max_tilt_rad:
+        return (f"target tool axis is tilted {np.degrees(tilt):.0f} deg from nominal "
+                f"(limit {np.degrees(limits.max_tilt_rad):.0f})")
+    return ""
+
+
 def check_target(target: np.ndarray, previous: np.ndarray, dt: float, limits: SafetyLimits) -> Verdict:
     """Check an absolute target (xyz + wxyz) against the limits, relative to the previous target
     (or the measured pose) `dt` seconds earlier."""
-    t = np.asarray(target, dtype=np.float64)
-    if t.shape != (7,) or not np.all(np.isfinite(t)):
-        return Verdict(False, None, "target is not 7 finite numbers (xyz + wxyz)")
-    n = np.linalg.norm(t[3:])
-    if not 0.9 < n < 1.1:
-        return Verdict(False, None, f"target quaternion has norm {n:.3f}, not 1")
-    t[3:] /= n
+    if why := pose_problem(target, limits):
+        return Verdict(False, None, why)
+    t = np.asarray(target, dtype=np.float64).copy()
+    t[3:] /= np.linalg.norm(t[3:])
     lo, hi = np.asarray(limits.workspace_low), np.asarray(limits.workspace_high)
-    if np.any(t[:3] < lo - 1e-9) or np.any(t[:3] > hi + 1e-9):
-        return Verdict(False, None, f"target position {np.round(t[:3], 3).tolist()} is outside the workspace "
-                                    f"{list(lo)}..{list(hi)}")
     rot = quat_to_rot(t[3:])
-    tool_z, nominal_z = rot.as_matrix()[:, 2], quat_to_rot(np.asarray(limits.nominal_quat)).as_matrix()[:, 2]
-    tilt = float(np.arccos(np.clip(tool_z @ nominal_z, -1.0, 1.0)))  # yaw about the tool axis is free
-    if tilt > limits.max_tilt_rad:
-        return Verdict(False, None, f"target tool axis is tilted {np.degrees(tilt):.0f} deg from nominal "
-                                    f"(limit {np.degrees(limits.max_tilt_rad):.0f})")
     dt = max(float(dt), 1e-3)
     out, limited = t.copy(), False
     dp = t[:3] - previous[:3]
@@ -276,6 +285,8 @@ class TargetChecker:
         out, staged, limited = [], list(self.passed), 0
         for t, pose, gripper in targets:
             if (why := stamp_problem(t, now)) == "late":
+                if bad := pose_problem(pose, self.limits):  # garbage in a past slot still condemns the message
+                    return self.refuse(bad)
                 self.counts["late"] += 1
                 continue
             if why:

@@ -218,6 +218,9 @@ def test_target_checker_is_all_or_nothing_and_skips_late_targets():
     assert out == [] and "finite" in why and not c.passed, "one bad target refuses the whole message"
     out, why = c.check([(0.9, here, None), (1.5, here, None)], here, 1.0, now=1.0)
     assert [t for t, *_ in out] == [1.5] and c.counts["late"] == 1, "a target whose time has passed is skipped"
+    late_garbage = [(0.9, np.r_[here[:3], 0.5 * DOWN], None), (1.6, here, None)]  # CI: a lagging clock made slot 0 late
+    out, why = c.check(late_garbage, here, 1.0, now=1.0)
+    assert out == [] and "norm" in why, "garbage condemns its message even in a slot whose time has passed"
     out, why = c.check([(60.0, here, None)], here, 1.0, now=1.0)
     assert out == [] and "ahead" in why
 

@@ -164,8 +164,10 @@ def test_one_server_drives_two_cells_and_each_matches_its_in_process_rollout(tmp
                                                                                      "action_executor"))]
                 raise AssertionError(f"{e}\n" + "\n".join(f"{n}: {probe.diagnostic(n)}" for n in nodes)) from None
             got = {ns: s.received() for ns, s in steps.items()}
-            probe.wait_for(lambda: float(probe.diagnostic("policy_server").get("batch_max", 0)) > 0, 10,
-                           "the server's batch statistics", proc, log)
+            # /diagnostics comes at 1 Hz per node: wait for a round that counts the steps just seen
+            probe.wait_for(lambda: float(probe.diagnostic("policy_server").get("batch_max", 0)) > 0 and all(
+                int(probe.diagnostic(f"{ns}/action_executor").get("chunks", 0)) >= STEPS // 8 for ns in seeds),
+                10, "the server's batch statistics and each executor's chunk count", proc, log)
             server = probe.diagnostic("policy_server")
             executors = {ns: probe.diagnostic(f"{ns}/action_executor") for ns in seeds}
         finally:
