@@ -224,12 +224,14 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
     assert only_successes.returncode != 0 and "failed episodes" in only_successes.stderr
 
 
-def run_cli(*args, env=None):
+def run_cli(*args, env=None, nice: int = 0):
+    """`robot-rl <args>` in a subprocess; `nice` lowers its CPU share (and its children's)."""
+    import os
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "robot_rl.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+                          env=env, preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
 
 def test_step_labels_leave_the_frames_before_success_out():
