@@ -83,9 +83,11 @@ def ee_positions(probe: Probe, s0: float, s1: float) -> np.ndarray:
 
 
 def settled(probe: Probe, s_hold: float, proc, log) -> np.ndarray:
-    """Positions from 0.5 to 1.0 s (sim) after a hold, once the sim got there."""
-    probe.wait_for(lambda: measured_time(probe) >= s_hold + 1.0, 30, "1 s of sim time after the hold", proc, log)
-    return ee_positions(probe, s_hold + 0.5, s_hold + 1.0)
+    """Positions from 0.5 s (sim) after a hold up to the first one stamped 1 s or more after it (under
+    load the sim can jump past a half-second window with no pose stamped inside it: CI saw none)."""
+    t_seen = probe.wait_for(lambda: (t := measured_time(probe)) >= s_hold + 1.0 and t, 30,
+                            "1 s of sim time after the hold", proc, log)
+    return ee_positions(probe, s_hold + 0.5, t_seen)
 
 
 def test_faults_hold_the_arm_and_control_comes_back(tmp_path):
