@@ -196,13 +196,20 @@ def _lockstep_run(tmp_path, name: str) -> np.ndarray:
             probe.subscribe("/clock", Clock, qos("clock"))
             probe.subscribe("/joint_states", JointState, qos("state"))
             probe.subscribe("/arm/ee_pose", PoseStamped, qos("state"))
+            probe.subscribe("/episode/state", String, qos("latched"))
             assert probe.call(Trigger, "/episode/reset", Trigger.Request()).success
             pub = probe.node.create_publisher(MultiDOFJointTrajectory, "/arm/target", qos("command"))
-            probe.wait_for(lambda: pub.get_subscription_count() > 0 and probe.latest("/arm/ee_pose"), 60,
-                           "arm_node", proc, log)
+
+            def reset_pose_in() -> bool:  # a pose from before the reset (the launch's own) can still be the latest
+                m, s = probe.latest("/episode/state"), probe.latest("/arm/ee_pose")
+                ep = json.loads(m.data) if m is not None else {}
+                return (pub.get_subscription_count() > 0 and ep.get("state") == "ready" and s is not None
+                        and stamp_to_sec(s.header.stamp) >= ep["t"] - 1e-6)
+
+            probe.wait_for(reset_pose_in, 60, "arm_node and the reset's first pose", proc, log)
             t0 = stamp_to_sec(probe.latest("/arm/ee_pose").header.stamp)
             start = _ee(probe)
-            traj = []
+            traj = [start]  # the start is part of what must repeat
             for k in range(1, 16):
                 pose = start.copy()
                 pose[:3] += 0.004 * k * np.array([1.0, -0.5, -0.6])
