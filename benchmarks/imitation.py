@@ -73,6 +73,7 @@ def main() -> None:
             out[f"{name}.{key}.success"] = round(r["success_rate"], 3)
             out[f"{name}.{key}.ci95"] = [round(x, 3) for x in r["ci95"]]
             out[f"{name}.{key}.p50_ms"] = round(r["latency_p50_ms"], 2)
+            out[f"{name}.{key}.failed"] = round(r["failures"] / r["episodes"], 3)
             for sol, n in r["solutions"].items():
                 out[f"{name}.{key}.solution_{sol}"] = round(n / r["episodes"], 3)
         out[f"{name}.paired"] = res["paired"]

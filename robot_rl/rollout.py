@@ -32,6 +32,7 @@ class RolloutSummary:
     policy: str
     episodes: int = 0
     successes: int = 0
+    failures: int = 0  # ended by the task's failure condition (touched the post, dropped the peg...)
     steps: int = 0
     seconds: float = 0.0
     lengths: list[int] = field(default_factory=list)
@@ -54,8 +55,9 @@ class RolloutSummary:
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.ci95
         return {"task": self.task, "policy": self.policy, "episodes": self.episodes, "successes": self.successes,
-                "success_rate": self.success_rate, "ci95": [lo, hi], "mean_length": float(np.mean(self.lengths or [0])),
-                "steps_per_s": self.steps_per_s, "solutions": dict(self.solutions), "video": self.video}
+                "failures": self.failures, "success_rate": self.success_rate, "ci95": [lo, hi],
+                "mean_length": float(np.mean(self.lengths or [0])), "steps_per_s": self.steps_per_s,
+                "solutions": dict(self.solutions), "video": self.video}
 
 
 def make_policy(kind: str, env, seed: int):
@@ -123,6 +125,7 @@ def run_episodes(env, policy, episodes: int, seed: int, task: str, policy_name: 
                 recorder.end(bool(info.get("success")), info)
             summary.episodes += 1
             summary.successes += int(bool(info.get("success")))
+            summary.failures += int(terminated and not info.get("success"))
             summary.per_episode.append(bool(info.get("success")))
             summary.steps += length
             summary.lengths.append(length)

@@ -34,6 +34,30 @@ def test_scripted_expert_succeeds(task):
         assert set(s.solutions) == {"front", "behind"}, s.solutions
 
 
+def test_reach_around_expert_chooses_its_side_where_both_sides_meet():
+    """The two solutions share the approach (same states, same actions) up to the decision point, so
+    nothing a policy observes before it tells the side: averaging the demonstrations there is wrong."""
+    from robot_rl.sim.tasks.reach_around import POST_CENTER, POST_HALF
+
+    def run(side):
+        env = make_env("reach_around")
+        ex = make_expert(env)
+        obs, _ = env.reset(seed=4)
+        ex.reset(np.random.default_rng(4))
+        ex.side, ex.x_side = side, POST_CENTER[0] + (-1 if side == "front" else 1) * (POST_HALF[0] + 0.08)
+        actions, poses = [], []
+        while ex.phase == 0:
+            actions.append(ex.act(obs))
+            poses.append(obs["state.ee_pose"])
+            obs, *_ = env.step(actions[-1])
+        return np.array(actions), np.array(poses), ex.act(obs)
+
+    (a_f, p_f, next_f), (a_b, p_b, next_b) = run("front"), run("behind")
+    assert len(a_f) >= 2 and np.array_equal(a_f, a_b) and np.array_equal(p_f, p_b)
+    assert np.all(np.abs(a_f[:, 0]) < 0.15), a_f  # straight at the post, not sideways
+    assert next_f[0] < -0.3 and next_b[0] > 0.3, (next_f, next_b)  # then the sides part
+
+
 def test_random_policy_mostly_fails_lift():
     env = make_env("lift")
     from robot_rl.rollout import RandomPolicy

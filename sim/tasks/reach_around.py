@@ -1,6 +1,10 @@
 """`reach_around`: carry the tool from one side of a post to a goal on the other side, passing either
 in front of the post or behind it. Two distinct solutions; touching the post fails the episode.
-`info["solution"]` says which way the episode went ("front" / "behind"), once it has crossed."""
+`info["solution"]` says which way the episode went ("front" / "behind"), once it has crossed.
+
+The start is centred on the post's axis and the expert approaches the post straight before it picks
+a side, so the state where it chooses (and the motion leading there) is the same for both solutions:
+a policy that averages its demonstrations is sent straight into the post."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from robot_rl.sim.experts import ScriptedExpert
 
 POST_CENTER = np.array([0.5, 0.0])
 POST_HALF = np.array([0.06, 0.05, 0.11])
-START_LOW, START_HIGH = np.array([0.47, -0.23, 0.07]), np.array([0.53, -0.17, 0.11])
+START_LOW, START_HIGH = np.array([0.49, -0.26, 0.07]), np.array([0.51, -0.22, 0.11])
+DECIDE_Y = -0.14  # the expert approaches the post straight to here, then steps aside
 GOAL_LOW, GOAL_HIGH = np.array([0.46, 0.17, 0.06]), np.array([0.54, 0.23, 0.12])
 TOLERANCE = 0.025
 
@@ -59,7 +64,8 @@ class ReachAroundEnv(FrankaTaskEnv):
 
 
 class ReachAroundExpert(ScriptedExpert):
-    """Pick a side at random (50/50), go around the post through two waypoints, then to the goal."""
+    """Approach the post straight, pick a side at random (50/50) there, step aside, pass the post
+    and go to the goal."""
 
     def reset(self, rng):
         super().reset(rng)
@@ -67,11 +73,14 @@ class ReachAroundExpert(ScriptedExpert):
         clear = rng.uniform(0.06, 0.1)
         self.x_side = POST_CENTER[0] + (-1 if self.side == "front" else 1) * (POST_HALF[0] + clear)
         self.speed = rng.uniform(0.5, 0.9)
+        self.decide: list[float] | None = None  # straight ahead of the start, set on the first step
 
     def act(self, obs):
         goal = self.env.data.mocap_pos[0]
-        wps = [[self.x_side, -0.12, goal[2]], [self.x_side, 0.12, goal[2]], goal]
-        wp = wps[min(self.phase, 2)]
-        if self.phase < 2 and self.near(wp, 0.03):
+        if self.decide is None:
+            self.decide = [self.ee[0], DECIDE_Y, self.ee[2]]
+        wps = [self.decide, [self.x_side, DECIDE_Y, goal[2]], [self.x_side, 0.12, goal[2]], goal]
+        wp = wps[min(self.phase, 3)]
+        if self.phase < 3 and self.near(wp, 0.02 if self.phase == 0 else 0.03):
             self.phase += 1
         return self.toward(wp, speed=self.speed, noise=0.03)
