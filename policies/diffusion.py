@@ -130,8 +130,9 @@ class DiffusionPolicy(nn.Module):
         if kind == "cm":
             raise ValueError("cm samplers need the distilled consistency policy (robot-rl distill)")
         b = cond.shape[0]
+        at = generator.device if generator is not None else cond.device  # a CPU generator serves a GPU policy
         x = noise if noise is not None else torch.randn((b, self.cfg.horizon, self.cfg.action_dim), generator=generator,
-                                                        device=cond.device)
+                                                        device=at).to(cond.device)
         sched = self.scheduler(kind, steps)
         for t in sched.timesteps:
             eps = self.net(x, t.expand(b).to(cond.device), cond)

@@ -104,6 +104,16 @@ def test_robots_planned_in_one_batch_get_the_chunks_they_would_get_alone():
     np.testing.assert_allclose(pair, together[:, :2], atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["cm3", "ddpm100"])
+def test_a_lone_agents_stochastic_sampler_repeats_from_its_seed(sampler):
+    """cm3's re-noising and DDPM's steps draw from the agent's own generator: the same seed gives the
+    same actions whatever else drew random numbers in between (several samplers evaluated in one run)."""
+    p = tiny_policy(cls=ConsistencyPolicy)
+    first = _rollout([ChunkAgent(p, sampler, n_action_steps=2)])
+    torch.randn(1000)  # the global generator moves on
+    np.testing.assert_array_equal(_rollout([ChunkAgent(p, sampler, n_action_steps=2)]), first)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_autocast_stays_close_to_fp32_on_the_cpu(precision):
     """The GPU half-precision flag, checked on the CPU: same chunks to within half-precision error."""

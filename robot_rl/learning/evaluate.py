@@ -135,7 +135,9 @@ class ChunkAgent:
 @torch.no_grad()
 def plan_batch(agents: list[ChunkAgent]) -> list[np.ndarray]:
     """One denoising pass for several agents sharing a policy (one robot each): their rows stacked,
-    each with its own window and noise, so a robot's chunk does not depend on who it was batched with."""
+    each with its own window and initial noise, so a robot's chunk does not depend on who it was batched
+    with. A lone agent's own generator also draws a stochastic sampler's later noise (cm3's re-noising,
+    DDPM's steps), so its rollouts repeat exactly; in a batch of several that noise is shared."""
     first = agents[0]
     policy = first.policy
     rows = [a._inputs() for a in agents]
@@ -144,7 +146,8 @@ def plan_batch(agents: list[ChunkAgent]) -> list[np.ndarray]:
     noise = torch.cat([r[2] for r in rows])
     with first.autocast():
         cond = policy.condition(batch, feats)
-        sampled = policy.sample_normalized(cond, first.sampler, None, noise).float()
+        generator = first.generator if len(agents) == 1 else None
+        sampled = policy.sample_normalized(cond, first.sampler, generator, noise).float()
     actions = policy.normalizer.unnormalize("action", sampled)
     if first.device.type == "cuda":
         torch.cuda.synchronize()
@@ -176,6 +179,7 @@ class EvalResult:
     solutions: dict = field(default_factory=dict)
     video: str | None = None
     per_episode: list[bool] = field(default_factory=list)
+    failures: int = 0  # ended by the task's failure condition
 
     @property
     def success_rate(self) -> float:
@@ -183,8 +187,9 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {"task": self.task, "sampler": self.sampler, "episodes": self.episodes, "successes": self.successes,
-                "success_rate": self.success_rate, "ci95": list(self.ci95), "latency_p50_ms": self.latency_p50_ms,
-                "latency_p99_ms": self.latency_p99_ms, "solutions": self.solutions, "video": self.video}
+                "failures": self.failures, "success_rate": self.success_rate, "ci95": list(self.ci95),
+                "latency_p50_ms": self.latency_p50_ms, "latency_p99_ms": self.latency_p99_ms,
+                "solutions": self.solutions, "video": self.video}
 
 
 def evaluate(policy: DiffusionPolicy, env, task: str, episodes: int, seed: int, sampler: str,
@@ -198,4 +203,4 @@ def evaluate(policy: DiffusionPolicy, env, task: str, episodes: int, seed: int, 
                      recorder=recorder)
     lat = np.asarray(agent.latencies_ms[1:] or agent.latencies_ms or [0.0])  # the first call warms up
     return EvalResult(task, sampler, s.episodes, s.successes, s.ci95, float(np.percentile(lat, 50)),
-                      float(np.percentile(lat, 99)), dict(s.solutions), s.video, s.per_episode)
+                      float(np.percentile(lat, 99)), dict(s.solutions), s.video, s.per_episode, s.failures)
