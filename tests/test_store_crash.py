@@ -57,14 +57,17 @@ def test_sigkill_at_random_moments_never_loses_a_committed_episode(tmp_path, cod
     store = tmp_path / "crash.zarr"
     rng = np.random.default_rng(0)
     known = kills = 0
-    while kills < 55 or (known < 10 and kills < 300):  # a loaded host commits less between kills: kill more
+    window = 0.08  # kill within this long after "ready"
+    while kills < 55 or (known < 10 and kills < 300):
         proc = start_child(store, codec=codec)
         wait_line(proc, "ready")
-        time.sleep(float(rng.uniform(0.0, 0.08)))
+        time.sleep(float(rng.uniform(0.0, window)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
         known = check_store(store, known)
+        if kills % 10 == 0 and known < kills // 5:  # a loaded host commits slower (CI: none in 80 ms): wait longer
+            window = min(2 * window, 2.0)
     assert known >= 10, "the writer made too little progress between kills to exercise commits"
     validate(store)
 
