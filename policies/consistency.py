@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from robot_rl.policies.diffusion import DiffusionPolicy, masked_mean, parse_sampler
+from robot_rl.policies.diffusion import DiffusionPolicy, gaussian, masked_mean, parse_sampler
 
 SIGMA_DATA = 0.5
 TIME_SCALE = 10.0
@@ -74,15 +74,14 @@ class ConsistencyPolicy(DiffusionPolicy):
             return super().sample_normalized(cond, sampler, generator, noise)
         b, T = cond.shape[0], self.cfg.num_train_timesteps
         shape = (b, self.cfg.horizon, self.cfg.action_dim)
-        at = generator.device if generator is not None else cond.device  # a CPU generator serves a GPU policy
-        x = noise if noise is not None else torch.randn(shape, generator=generator, device=at).to(cond.device)
+        x = noise if noise is not None else gaussian(shape, generator, cond.device)
         t0 = start_time(T)
         times = [int(t0 - i * t0 / steps) for i in range(steps)]  # cm1 -> 80; cm3 -> 80, 53, 26
         a0 = None
         for i, t in enumerate(times):
             if i:
                 a = self.alphas_cumprod[t]
-                z = torch.randn(shape, generator=generator, device=at).to(cond.device)
+                z = gaussian(shape, generator, cond.device)
                 x = a.sqrt() * a0 + (1 - a).sqrt() * z
             a0 = self.consistency_fn(self.net, x, torch.full((b,), t, device=cond.device), cond).clamp(-1, 1)
         return a0

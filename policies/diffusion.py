@@ -66,6 +66,12 @@ def masked_mean(err: torch.Tensor, is_pad: torch.Tensor | None, weights: torch.T
     return (err * w).sum() / count
 
 
+def gaussian(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal noise on `device`, drawn by `generator` where given (a CPU generator serves a GPU policy)."""
+    at = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=at).to(device)
+
+
 def parse_sampler(name: str) -> tuple[str, int]:
     if name == "bc":
         return "bc", 1
@@ -130,9 +136,7 @@ class DiffusionPolicy(nn.Module):
         if kind == "cm":
             raise ValueError("cm samplers need the distilled consistency policy (robot-rl distill)")
         b = cond.shape[0]
-        at = generator.device if generator is not None else cond.device  # a CPU generator serves a GPU policy
-        x = noise if noise is not None else torch.randn((b, self.cfg.horizon, self.cfg.action_dim), generator=generator,
-                                                        device=at).to(cond.device)
+        x = noise if noise is not None else gaussian((b, self.cfg.horizon, self.cfg.action_dim), generator, cond.device)
         sched = self.scheduler(kind, steps)
         for t in sched.timesteps:
             eps = self.net(x, t.expand(b).to(cond.device), cond)
