@@ -16,6 +16,7 @@ from robot_rl.learning.finetune import (
     ExploringAgent,
     FinetuneConfig,
     Learner,
+    awr_weights,
     finetune_offline,
     finetune_online,
 )
@@ -64,6 +65,15 @@ def test_hl_gauss_target_is_a_distribution_centred_on_the_value():
         CriticConfig(obs_dim=3, act_dim=2, q_loss="huber")
 
 
+def test_standardised_advantage_weights_do_not_depend_on_the_reward_scale():
+    adv = torch.tensor([-0.02, -0.01, 0.0, 0.01, 0.03])  # the scale of IQL advantages under a sparse 0/1 reward
+    raw = awr_weights(adv, beta=10.0, max_weight=100.0, normalize=False)
+    assert float(raw.max() / raw.min()) < 1.7  # raw exp(10·A): next to uniform, i.e. plain behaviour cloning
+    w = awr_weights(adv, beta=1.0, max_weight=100.0)
+    assert torch.allclose(w, awr_weights(50 * adv, beta=1.0, max_weight=100.0))
+    assert float(w.mean()) == pytest.approx(1.0) and float(w.max() / w.min()) > 10 and w.argmax() == 4
+
+
 def test_chunk_transitions_sum_rewards_and_stop_at_terminals(stores):
     demos, failures = EpisodeStore(stores[0]), EpisodeStore(stores[1])
     policy = make_teacher([demos], KEYS, dict(SMALL))
@@ -76,6 +86,8 @@ def test_chunk_transitions_sum_rewards_and_stop_at_terminals(stores):
             k = min(n_act, t_end - t)
             expect = sum(0.9**i * reward[t + i] for i in range(k))
             assert float(data.ret[offset + t]) == pytest.approx(expect, abs=1e-6)
+            to_go = sum(0.9**i * reward[t + i] for i in range(t_end - t))  # Monte Carlo, to the episode's end
+            assert float(data.mc_return[offset + t]) == pytest.approx(to_go, abs=1e-6)
             nxt = int(data.next_ids[offset + t]) - offset
             assert s <= nxt < t_end and nxt == min(t + n_act, t_end - 1)
             if t + n_act >= t_end and term[t_end - 1]:

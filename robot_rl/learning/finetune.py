@@ -20,9 +20,17 @@ is experimental: with q_weight 1 on `reach` the IQL critic's values of unseen ac
 student to 0 % within three rounds. The actor can also rank `select_n` sampled chunks by the
 critic (IDQL's selection).
 
-Measured so far (`benchmarks/finetune.py`, RESULTS.md): on `reach` at ~4 k environment steps the
-AW update has not beaten a control that trains on the same data with uniform weights; the issue's
-budgets (150 k steps, three seeds, lift and peg_insert) have not been run.
+Advantages: `advantage=iql` (Q − V from the critics) or `mc` (the episode's Monte-Carlo return-to-go
+− V); `normalize_advantage` standardises them over the batch so β is scale-free — under the sparse
+0/1 task reward the raw IQL advantages are ~0.01, and exp(10·A) kept every weight within 1.6× of
+uniform (the default update was, in effect, behaviour cloning).
+
+Measured so far (`benchmarks/finetune.py`, RESULTS.md; benchmarks/NOTES.md): on `reach` (10 demos,
+start 14 %, one seed, 50 paired episodes) no variant has yet beaten the uniform-weight control
+(22 % at 5 k environment steps; 22 % at 9 k with utd 0.25, lr 1e-4): raw-β AWR 26 %, standardised
+IQL advantages β = 1 24 % (20 % at 9 k), Monte-Carlo advantages 18 % — all within noise of each
+other, the exploring policy still succeeding in ~10–20 % of episodes. The issue's budgets (150 k
+steps, three seeds, lift and peg_insert) have not been run.
 
 - **offline** (`finetune_offline`): critics from the stores, AW update of the checkpoint, **gated by
   off-policy evaluation**: the estimate is the critic's value of the policy's own chunks from the
@@ -68,7 +76,9 @@ class FinetuneConfig:
     reward_classifier: str | None = None  # reward=classifier: the folder from robot-rl train policy=reward_classifier
     critic: dict = field(default_factory=dict)  # CriticConfig overrides (q_loss: hlgauss, hidden, expectile, …)
     extraction: str = "awr"  # awr | ddpg_bc (one-step students only; experimental, see the module docstring)
-    beta: float = 10.0  # AWR temperature on the raw advantage (0: uniform weights, plain BC on the mixed data)
+    beta: float = 10.0  # AWR temperature (0: uniform weights, plain BC on the mixed data)
+    advantage: str = "iql"  # iql: Q(s, a) − V(s) from the critics | mc: the episode's Monte-Carlo return-to-go − V(s)
+    normalize_advantage: bool = False  # standardise the advantage over each batch before exp(β·A)
     max_weight: float = 100.0
     q_weight: float = 0.1  # ddpg_bc: weight of −Q(s, π(s)) / mean|Q| against the behaviour-cloning term
     batch_size: int = 256
@@ -111,6 +121,8 @@ class FinetuneConfig:
             raise ValueError("reward=classifier needs reward_classifier=<folder> (robot-rl train policy=reward_classifier)")
         if self.extraction not in ("awr", "ddpg_bc"):
             raise ValueError(f"finetune extraction '{self.extraction}' is not awr or ddpg_bc")
+        if self.advantage not in ("iql", "mc"):
+            raise ValueError(f"finetune advantage '{self.advantage}' is not iql or mc")
         if not 0.0 <= self.demo_ratio <= 1.0:
             raise ValueError(f"finetune demo_ratio {self.demo_ratio} must lie in [0, 1]")
 
@@ -151,6 +163,10 @@ class ChunkData:
         ended_terminal = term[ids - pos + n - 1]
         self.discount = torch.as_tensor(gamma**steps * ~(reaches_end & ended_terminal), dtype=torch.float32, device=device)
         self.ret = torch.as_tensor(ret, device=device)
+        to_go = np.zeros(len(ds), np.float32)  # Monte-Carlo discounted return from each step to its episode's end
+        for i in range(len(ds) - 1, -1, -1):
+            to_go[i] = rewards[i] + (gamma * to_go[i + 1] if pos[i] + 1 < n[i] else 0.0)
+        self.mc_return = torch.as_tensor(to_go, device=device)
         self.next_ids = torch.as_tensor(ids + np.minimum(k_exec, n - 1 - pos), device=device)
         self.windows = {k: torch.as_tensor(w[k], device=device) for k in [*cfg.state_keys, "action", "action_is_pad"]}
         first = cfg.n_obs_steps - 1
@@ -185,7 +201,12 @@ def reward_classifier(cfg: FinetuneConfig, device):
     return RewardClassifier.load(cfg.reward_classifier, device)
 
 
-def awr_weights(adv: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+def awr_weights(adv: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
+    """exp(β·A) clipped and normalised to mean 1; `normalize` first standardises A over the batch, so
+    that β does not depend on the reward's scale, γ or the chunk length (raw IQL advantages of a
+    sparse 0/1 reward are ~0.01: exp(10·A) stayed within 1.6 of uniform, plain behaviour cloning)."""
+    if normalize:
+        adv = (adv - adv.mean()) / adv.std().clamp(min=1e-6)
     w = torch.exp(beta * adv).clamp(max=max_weight)
     return w / w.mean().clamp(min=1e-8)
 
@@ -220,8 +241,12 @@ class Learner:
 
     def policy_step(self, data: ChunkData, ids) -> None:
         self.policy.train()
-        adv = self.critic.advantage(data.obs[ids], data.act[ids])
-        weights = awr_weights(adv, self.cfg.beta, self.cfg.max_weight)
+        if self.cfg.advantage == "mc":
+            with torch.no_grad():
+                adv = data.mc_return[ids] - self.critic.value(data.obs[ids])
+        else:
+            adv = self.critic.advantage(data.obs[ids], data.act[ids])
+        weights = awr_weights(adv, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_advantage)
         batch = data.batch(ids)
         loss = self.policy.compute_loss(batch, weights)
         self.last.update(bc_loss=loss.item(), adv_mean=adv.mean().item(), weight_max=weights.max().item())

@@ -53,7 +53,9 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
                      "scripted demos", progress=cfg.progress, recorder=rec)
         rec.close()
         env.close()
-    prepare(store)
+    st = EpisodeStore(store)
+    if st.attrs.get("prepared", {}).get("n_steps") != st.n_steps:  # (a cached store is not locked again: runs can share it)
+        prepare(store)
     teacher_dir, student_dir = out / "teacher", out / "student"
     if (teacher_dir / "config.json").exists():
         teacher = load_policy(teacher_dir)
