@@ -27,7 +27,7 @@ uniform (the default update was, in effect, behaviour cloning).
 
 Measured so far (`benchmarks/finetune.py`, RESULTS.md; benchmarks/NOTES.md): on `reach` (10 demos,
 start 14 %, one seed, 50 paired episodes) no variant has yet beaten the uniform-weight control
-(22 % at 5 k environment steps; 22 % at 9 k with utd 0.25, lr 1e-4): raw-β AWR 26 %, standardised
+(22 % at 5 k environment steps; 22 % at 9 k with utd 0.25, lr 1e-4): raw-β AWR 26 % (an earlier run, from 12 %), standardised
 IQL advantages β = 1 24 % (20 % at 9 k), Monte-Carlo advantages 18 % — all within noise of each
 other, the exploring policy still succeeding in ~10–20 % of episodes. The issue's budgets (150 k
 steps, three seeds, lift and peg_insert) have not been run.
