@@ -27,10 +27,10 @@ uniform (the default update was, in effect, behaviour cloning).
 
 Measured so far (`benchmarks/finetune.py`, RESULTS.md; benchmarks/NOTES.md): on `reach` (10 demos,
 start 14 %, one seed, 50 paired episodes) no variant has yet beaten the uniform-weight control
-(22 % at 5 k environment steps; 22 % at 9 k with utd 0.25, lr 1e-4): raw-β AWR 26 % (an earlier run, from 12 %), standardised
-IQL advantages β = 1 24 % (20 % at 9 k), Monte-Carlo advantages 18 % — all within noise of each
-other, the exploring policy still succeeding in ~10–20 % of episodes. The issue's budgets (150 k
-steps, three seeds, lift and peg_insert) have not been run.
+(22 % at 5 k environment steps; 22 % at 9 k with utd 0.25, lr 1e-4): raw-β AWR 26 % (an earlier
+run, from 12 %), standardised IQL advantages β = 1 24 % (20 % at 9 k), Monte-Carlo advantages 18 %
+— all within noise of each other, the exploring policy still succeeding in ~10–20 % of episodes.
+The issue's budgets (150 k steps, three seeds, lift and peg_insert) have not been run.
 
 - **offline** (`finetune_offline`): critics from the stores, AW update of the checkpoint, **gated by
   off-policy evaluation**: the estimate is the critic's value of the policy's own chunks from the
@@ -201,7 +201,7 @@ def reward_classifier(cfg: FinetuneConfig, device):
     return RewardClassifier.load(cfg.reward_classifier, device)
 
 
-def awr_weights(adv: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
+def awr_weights(adv: torch.Tensor, beta: float, max_weight: float, normalize: bool = False) -> torch.Tensor:
     """exp(β·A) clipped and normalised to mean 1; `normalize` first standardises A over the batch, so
     that β does not depend on the reward's scale, γ or the chunk length (raw IQL advantages of a
     sparse 0/1 reward are ~0.01: exp(10·A) stayed within 1.6 of uniform, plain behaviour cloning)."""
