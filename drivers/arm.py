@@ -74,7 +74,7 @@ def _open_franka(cfg, link_dir: Path):
         address=a.address, translational_stiffness=a.translational_stiffness, rotational_stiffness=a.rotational_stiffness,
         damping_ratio=a.damping_ratio, max_pos_error=a.max_pos_error, max_rot_error=a.max_rot_error,
         home_qpos=a.home_qpos, ee_transform=a.ee_transform, target_period=1.0 / cfg.rates.policy_hz,
-        rt_priority=a.rt_priority),
+        rt_priority=a.rt_priority, state_period=1.0 / a.state_hz),
         cfg.safety_limits())
 
 

@@ -1,7 +1,8 @@
 """Franka arm backend over FCI (pylibfranka). A dedicated control process runs libfranka's 1 kHz
 torque loop — Cartesian impedance around a reference that follows the absolute, time-stamped target
 stream (drivers/targets.py), reference limiting, torque-rate limiting and the command watchdog — so no
-1 kHz loop shares a GIL with ROS callbacks. `arm_node` talks to it through a pipe (JSON bytes).
+1 kHz loop shares a GIL with ROS callbacks. `arm_node` talks to it through two pipes (JSON bytes): targets
+and requests in, states and events out (never blocking the loop: `_Outbox`).
 
 Errors (reflexes, lost connection) stop the loop, are reported in the state (`error`) and cleared by
 `recover()` (libfranka's automatic error recovery, then the loop restarts holding the measured pose).
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import select
+import struct
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,9 +27,8 @@ from robot_rl.drivers.safety import SafetyLimits
 from robot_rl.drivers.targets import TargetQueue
 from scipy.spatial.transform import Rotation
 
-from robot_rl.geometry import rot_to_quat
+from robot_rl.geometry import mat_to_quat, quat_conj, quat_log, quat_mul
 
-STATE_PERIOD = 0.01  # state to the node at 100 Hz
 # franka::limitRate for torques allows (kMaxTorqueRate - kLimitEps) = 999.999 Nm/s over one 1 ms cycle, judged
 # from the torque the robot reports as last commanded (state.tau_J_d). We keep to 45 % of it: when a host misses a
 # cycle the reported torque is one command behind, and two full steps in one cycle abort the motion
@@ -49,11 +53,12 @@ class FrankaSettings:
     target_period: float = 0.1
     realtime: bool = False  # RealtimeConfig.kEnforce needs a PREEMPT_RT kernel; kIgnore otherwise
     rt_priority: int = 0  # SCHED_FIFO priority of the control process (0: normal scheduling)
+    state_period: float = 0.01  # s between two states to the node (hardware config arm.state_hz)
 
 
 def _pose(o_t_ee) -> np.ndarray:
     m = np.asarray(o_t_ee).reshape(4, 4).T  # column-major
-    return np.concatenate([m[:3, 3], rot_to_quat(Rotation.from_matrix(m[:3, :3]))])
+    return np.concatenate([m[:3, 3], mat_to_quat(m[:3, :3])])
 
 
 class _Controller:
@@ -97,16 +102,16 @@ class _Controller:
             j = np.asarray(model.zero_jacobian(state)).reshape(7, 6).T
             e = np.zeros(6)
             e[:3] = self.ref[:3] - pose[:3]
-            e[3:] = (Rotation.from_quat(self.ref[3:], scalar_first=True)
-                     * Rotation.from_quat(pose[3:], scalar_first=True).inv()).as_rotvec()
+            e[3:] = quat_log(quat_mul(self.ref[3:], quat_conj(pose[3:])))
             # reference limiting: the spring never pulls from further than a few mm / hundredths of a rad
             if (n := np.linalg.norm(e[:3])) > self.s.max_pos_error:
                 e[:3] *= self.s.max_pos_error / n
             if (n := np.linalg.norm(e[3:])) > self.s.max_rot_error:
                 e[3:] *= self.s.max_rot_error / n
             tau = j.T @ (self.K @ e - self.D @ (j @ dq)) + coriolis
-            j_pinv = np.linalg.pinv(j)
-            null = np.eye(7) - j.T @ j_pinv.T
+            # I - J^T (J J^T)^-1 J (= I - J^T pinv(J)^T at full rank, lightly damped at a singularity): a 6x6
+            # solve, a third of an SVD-based pinv's time in the 1 kHz loop
+            null = np.eye(7) - j.T @ np.linalg.solve(j @ j.T + 1e-6 * np.eye(6), j)
             k_ns = self.s.nullspace_stiffness
             tau += null @ (k_ns * (np.asarray(self.s.home_qpos) - q) - 2.0 * np.sqrt(k_ns) * dq)
         # against the robot's own reference, not this loop's previous output: after a command lost on the
@@ -115,8 +120,65 @@ class _Controller:
         return np.clip(last + np.clip(tau - last, -TORQUE_STEP, TORQUE_STEP), -TORQUE_MAX, TORQUE_MAX)
 
 
-def _control_process(settings: dict, limits: dict, conn) -> None:
-    """The 1 kHz loop. Messages in: target / hold / home / recover / stop. Out: state at 100 Hz."""
+class _Outbox:
+    """The control process's messages to the node, written without ever blocking the 1 kHz loop: a node
+    that falls behind (a busy host) fills the pipe, and a blocking write stalled the loop 20 cycles into a
+    communication reflex (franka-sim, loaded 2-core host). Not a sender thread either: it waits on the
+    GIL the loop holds, and the node's state stream thinned from 100 Hz to 7-50 Hz. Each message is one
+    multiprocessing.Connection frame (4-byte big-endian length, then the bytes) of at most PIPE_BUF bytes,
+    which a non-blocking pipe writes whole or not at all. States coalesce (the newest replaces one not yet
+    written: the node wants the present); events (refusals, a fatal error) all go, in order; `flush()`,
+    called every cycle, retries what the pipe had no room for."""
+
+    def __init__(self, conn):
+        self.fd = conn.fileno()
+        os.set_blocking(self.fd, False)
+        self.state: bytes | None = None
+        self.events: deque[bytes] = deque()
+
+    @staticmethod
+    def _frame(msg: dict) -> bytes:
+        data = json.dumps(msg).encode()
+        if len(data) + 4 > select.PIPE_BUF:
+            raise ValueError(f"franka: a {len(data)}-byte message to the node exceeds PIPE_BUF")
+        return struct.pack("!i", len(data)) + data
+
+    def put_state(self, msg: dict) -> None:
+        self.state = self._frame(msg)
+        self.flush()
+
+    def put_event(self, msg: dict) -> None:
+        for key in ("reason", "error"):  # (a long exception text must still fit one frame)
+            if isinstance(msg.get(key), str):
+                msg[key] = msg[key][:1000]
+        self.events.append(self._frame(msg))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write what is pending as far as the pipe has room; True when nothing is left."""
+        try:
+            while self.events:
+                os.write(self.fd, self.events[0])
+                self.events.popleft()
+            if self.state is not None:
+                os.write(self.fd, self.state)
+                self.state = None
+        except BlockingIOError:
+            return False
+        except OSError:  # the node is gone: nothing to deliver to
+            self.events.clear()
+            self.state = None
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Deliver what is pending (within the timeout: a node that is gone never reads it)."""
+        deadline = time.monotonic() + timeout
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _control_process(settings: dict, limits: dict, conn, out_conn) -> None:
+    """The 1 kHz loop. Messages in: target / hold / home / recover / stop. Out: state at arm.state_hz."""
     import signal
 
     import pylibfranka as pf
@@ -129,6 +191,7 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
         print(f"franka control loop: {note}", file=sys.stderr, flush=True)  # (the node's log)
     lim = SafetyLimits(**{k: tuple(v) if isinstance(v, list) else v for k, v in limits.items()})
     ctl = _Controller(s, lim)
+    out = _Outbox(out_conn)
     try:
         robot = pf.Robot(s.address, pf.RealtimeConfig.kEnforce if s.realtime else pf.RealtimeConfig.kIgnore)
         robot.set_collision_behavior([40.0] * 7, [80.0] * 7, [40.0] * 6, [80.0] * 6)
@@ -138,7 +201,8 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
         robot.set_EE(ne_t_ee.T.flatten().tolist())  # column-major; O_T_EE and the Jacobian follow it
         model = robot.load_model()
     except Exception as e:  # noqa: BLE001 - any connection failure is reported to the node, one line
-        conn.send_bytes(json.dumps({"op": "fatal", "error": f"franka: cannot connect to {s.address}: {e}"}).encode())
+        out.put_event({"op": "fatal", "error": f"franka: cannot connect to {s.address}: {e}"})
+        out.close()
         return
     error, running, last_state = "", True, 0.0
     while running:
@@ -154,6 +218,7 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
                     state, dt = robot.read_once(), 0.01
                     time.sleep(0.01)
                 now = time.time()
+                out.flush()
                 while conn.poll():
                     msg = json.loads(conn.recv_bytes())
                     op = msg.get("op")
@@ -162,7 +227,7 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
                                                  ctl.ref if ctl.ref is not None else _pose(state.O_T_EE), 1e-3)
                         if reason:
                             ctl.hold(_pose(state.O_T_EE))
-                            conn.send_bytes(json.dumps({"op": "refused", "reason": reason}).encode())
+                            out.put_event({"op": "refused", "reason": reason})
                     elif op == "hold":
                         ctl.hold(_pose(state.O_T_EE))
                     elif op == "home" and ctrl is not None:
@@ -179,15 +244,15 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
                     cmd = pf.Torques(ctl.torque(state, model, now, dt).tolist())
                     cmd.motion_finished = not running  # "stop" ends the motion in this cycle, not by lost cycles
                     ctrl.writeOnce(cmd)
-                if now - last_state >= STATE_PERIOD:
+                if now - last_state >= s.state_period:
                     last_state = now
-                    conn.send_bytes(json.dumps({
+                    out.put_state({
                         "op": "state", "t": now, "q": list(state.q), "dq": list(state.dq),
                         "ee": _pose(state.O_T_EE).tolist(), "target": (ctl.ref if ctl.ref is not None
                                                                        else _pose(state.O_T_EE)).tolist(),
                         "holding": not ctl.targets.queue, "error": error,
                         "homing": ctl.home_from is not None, "homed": ctl.homed,
-                        "refused": ctl.targets.refused, "stale_holds": ctl.targets.stale_holds}).encode())
+                        "refused": ctl.targets.refused, "stale_holds": ctl.targets.stale_holds})
         except _Restart:
             continue
         except (pf.ControlException, pf.CommandException, pf.NetworkException, pf.FrankaException) as e:
@@ -197,7 +262,7 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
         except (BrokenPipeError, EOFError):
             running = False
         except Exception as e:  # noqa: BLE001 - a bug in the loop: say so to the node, never die silently
-            conn.send_bytes(json.dumps({"op": "fatal", "error": f"franka control loop: {type(e).__name__}: {e}"}).encode())
+            out.put_event({"op": "fatal", "error": f"franka control loop: {type(e).__name__}: {e}"})
             running = False
         finally:
             del ctrl  # libfranka allows one active control at a time
@@ -205,10 +270,29 @@ def _control_process(settings: dict, limits: dict, conn) -> None:
         robot.stop()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
+    out.close()
 
 
 class _Restart(Exception):
     pass
+
+
+def _newest_state(conn, timeout: float, refusals: list[str]) -> dict | None:
+    """The newest state message from the control process: waits up to `timeout` for one, then takes
+    what queued behind it, so a node that fell behind publishes the present, not a backlog. Refusals
+    on the way are appended to `refusals`; a fatal error raises ConnectionError."""
+    newest, deadline = None, time.monotonic() + timeout
+    while conn.poll(0.0 if newest is not None else max(0.0, deadline - time.monotonic())):
+        msg = json.loads(conn.recv_bytes())
+        if msg["op"] == "fatal":
+            raise ConnectionError(msg["error"])
+        if msg["op"] == "refused":
+            refusals.append(msg["reason"])
+        else:
+            newest = msg
+        if newest is None and time.monotonic() >= deadline:
+            break
+    return newest
 
 
 class FrankaArm:
@@ -216,11 +300,13 @@ class FrankaArm:
 
     def __init__(self, settings: FrankaSettings, limits: SafetyLimits, timeout: float = 0.5, gripper: bool = True):
         ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_control_process, args=(asdict(settings), asdict(limits), child), daemon=True,
-                                name="franka-control")
+        child_in, self.tx = ctx.Pipe(duplex=False)  # commands to the loop
+        self.conn, child_out = ctx.Pipe(duplex=False)  # states and events from it: a pipe, whose small writes are atomic
+        self.proc = ctx.Process(target=_control_process, args=(asdict(settings), asdict(limits), child_in, child_out),
+                                daemon=True, name="franka-control")
         self.proc.start()
-        child.close()
+        child_in.close()
+        child_out.close()
         self.timeout = timeout
         self.refusals: list[str] = []
         self.error = ""
@@ -256,29 +342,23 @@ class FrankaArm:
 
     def _send(self, msg: dict) -> None:
         try:
-            self.conn.send_bytes(json.dumps(msg).encode())
+            self.tx.send_bytes(json.dumps(msg).encode())
         except (BrokenPipeError, OSError):
             raise ConnectionError("franka: the control process has exited") from None
 
     def read(self) -> ArmState | None:
-        deadline = time.monotonic() + self.timeout
-        while (left := deadline - time.monotonic()) > 0 and self.conn.poll(left):
-            try:
-                msg = json.loads(self.conn.recv_bytes())
-            except (EOFError, OSError):
-                raise ConnectionError("franka: the control process has exited") from None
-            if msg["op"] == "fatal":
-                raise ConnectionError(msg["error"])
-            if msg["op"] == "refused":
-                self.refusals.append(msg["reason"])
-                continue
-            self.error = msg["error"]
-            return ArmState(msg["t"], np.asarray(msg["q"]), np.asarray(msg["dq"]), np.asarray(msg["ee"]),
-                            float(self._gripper_width), np.asarray(msg["target"]), msg["holding"], msg["error"],
-                            msg["homing"], msg["homed"])
-        if not self.proc.is_alive():
-            raise ConnectionError("franka: the control process has exited")
-        return None
+        try:
+            msg = _newest_state(self.conn, self.timeout, self.refusals)
+        except (EOFError, OSError):
+            raise ConnectionError("franka: the control process has exited") from None
+        if msg is None:
+            if not self.proc.is_alive():
+                raise ConnectionError("franka: the control process has exited")
+            return None
+        self.error = msg["error"]
+        return ArmState(msg["t"], np.asarray(msg["q"]), np.asarray(msg["dq"]), np.asarray(msg["ee"]),
+                        float(self._gripper_width), np.asarray(msg["target"]), msg["holding"], msg["error"],
+                        msg["homing"], msg["homed"])
 
     def command(self, stamp: float, pose: np.ndarray, gripper: float | None) -> None:
         self._send({"op": "target", "stamp": float(stamp), "pose": [float(v) for v in pose]})
@@ -310,3 +390,4 @@ class FrankaArm:
             self.proc.terminate()
             self.proc.join(timeout=2.0)
         self.conn.close()
+        self.tx.close()

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from robot_rl.drivers.safety import SafetyLimits, StreamWatchdog, check_target
-from scipy.spatial.transform import Rotation
 
-from robot_rl.geometry import quat_to_rot, rot_to_quat
+from robot_rl.geometry import quat_conj, quat_exp, quat_log, quat_mul
 
 
 @dataclass
@@ -32,11 +31,12 @@ class Target:
 
 
 def interpolate(a: np.ndarray, b: np.ndarray, frac: float) -> np.ndarray:
-    """Pose a→b at fraction `frac` (linear in position, geodesic in rotation)."""
+    """Pose a→b at fraction `frac` (linear in position, geodesic in rotation; runs every control cycle,
+    so in geometry's lean quaternion algebra)."""
     out = np.empty(7)
     out[:3] = a[:3] + frac * (b[:3] - a[:3])
-    dr = (quat_to_rot(b[3:]) * quat_to_rot(a[3:]).inv()).as_rotvec()
-    out[3:] = rot_to_quat(Rotation.from_rotvec(frac * dr) * quat_to_rot(a[3:]))
+    q = quat_mul(quat_exp(frac * quat_log(quat_mul(b[3:], quat_conj(a[3:])))), a[3:])
+    out[3:] = (q if q[0] >= 0 else -q) / np.sqrt(q @ q)
     return out
 
 

@@ -18,9 +18,11 @@ def franka_sim(tmp_path):
 
 
 @pytest.fixture
-def franka_sim_strict(tmp_path):
-    """franka-sim enforcing the communication constraints and the motion limits (a violation aborts)."""
-    yield from _franka_sim(tmp_path, ["--enforce-comm-constraints", "--enforce-motion-limits"])
+def franka_sim_limits(tmp_path):
+    """franka-sim enforcing the motion limits (a violation aborts), not the communication constraints: for
+    the whole robot graph and a learner on a shared 2-core VM, where the hypervisor takes the vCPUs away for
+    tens of ms (steal time) whatever the priorities inside; the driver meets the constraints in test_franka."""
+    yield from _franka_sim(tmp_path, ["--enforce-motion-limits"])
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def _robot_share() -> None:
     """The simulated robot stands for a controller with a machine of its own: on two cores shared with a
     dozen nodes and a learner, a normal share starved its 1 kHz loop (220-420 Hz measured, then a
     communication reflex that says nothing about our code). A larger CPU share (nice -10, not real time:
-    it still cannot lock the nodes out) where permitted."""
+    at real time its physics took 60 % of a core on a slow host and starved the graph) where permitted."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, -10)
     except PermissionError:

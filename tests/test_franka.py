@@ -8,19 +8,21 @@ import os
 import signal
 import time
 
+import multiprocessing as mp
+
 import numpy as np
-from robot_rl.drivers.franka import TORQUE_MAX, TORQUE_STEP, FrankaArm, FrankaSettings, _Controller
+import pytest
+from robot_rl.drivers.franka import (TORQUE_MAX, TORQUE_STEP, FrankaArm, FrankaSettings, _Controller, _newest_state,
+                                     _Outbox)
 from robot_rl.drivers.safety import SafetyLimits
 
 
 def _latest(arm: FrankaArm, timeout: float = 2.0):
-    """The newest state: wait for one, then drain what is queued."""
+    """The newest state (read() takes what queued behind the first)."""
     s = None
     deadline = time.monotonic() + timeout
     while s is None and time.monotonic() < deadline:
         s = arm.read()
-    while arm.conn.poll():
-        s = arm.read() or s
     assert s is not None, "no state from the control process"
     return s
 
@@ -74,6 +76,30 @@ def test_the_torque_law_stays_inside_each_joints_range_and_rate():
         assert np.all(np.abs(tau) <= TORQUE_MAX + 1e-9) and np.all(np.abs(tau - last) <= TORQUE_STEP + 1e-9)
         last = tau
     assert tau[6] == TORQUE_MAX[6]
+
+
+def test_a_node_that_stops_reading_never_blocks_the_control_loop():
+    """The control loop's outbox against a reader that stalls for longer than the pipe holds: every put
+    returns at once; once the reader is back (the loop flushes every cycle), it gets each event in order,
+    whole, and the newest state; older states that found no room are never written."""
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    out = _Outbox(writer)
+    pad = "x" * 2000  # a pipe holds ~64 kB: 3000 of these would block a plain writer for good
+    t0 = time.monotonic()
+    for i in range(3000):
+        out.put_state({"op": "state", "i": i, "pad": pad})
+        if i % 1000 == 0:
+            out.put_event({"op": "refused", "reason": f"r{i}"})
+    assert time.monotonic() - t0 < 1.0  # (blocked, this loop would hang: nobody reads yet)
+    refusals: list[str] = []
+    seen = []  # each read's newest, until the outbox has nothing left to write
+    while out.flush() is not None and (m := _newest_state(reader, 0.3, refusals)) is not None:
+        seen.append(m["i"])
+    assert refusals == ["r0", "r1000", "r2000"] and seen[-1] == 2999 and seen == sorted(seen) and len(seen) < 100
+    out.put_event({"op": "fatal", "error": "franka control loop: boom " + "y" * 9000})  # cut to fit one frame
+    out.close()
+    with pytest.raises(ConnectionError, match="boom"):
+        _newest_state(reader, 1.0, refusals)
 
 
 def test_franka_holds_moves_and_refuses(franka_sim_lenient):
