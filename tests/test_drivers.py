@@ -506,9 +506,9 @@ def test_opencv_camera_on_a_video_file_paces_loops_and_fills_the_buffer(tmp_path
 def test_the_control_loops_quaternion_algebra_agrees_with_scipy():
     """geometry's lean quaternion algebra (the 1 kHz loop and the per-cycle interpolation) against scipy,
     on random rotations and the hard cases: identity, 180° turns, w < 0 inputs."""
+    from robot_rl.drivers.targets import interpolate
     from scipy.spatial.transform import Rotation
 
-    from robot_rl.drivers.targets import interpolate
     from robot_rl.geometry import mat_to_quat, quat_conj, quat_exp, quat_log, quat_mul, quat_to_rot, rot_to_quat
 
     rots = [*Rotation.random(200, random_state=0), Rotation.identity(), *Rotation.from_rotvec(np.pi * np.eye(3)),

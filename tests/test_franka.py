@@ -4,16 +4,14 @@ control, home, fault and recover, disconnect."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import time
 
-import multiprocessing as mp
-
 import numpy as np
 import pytest
-from robot_rl.drivers.franka import (TORQUE_MAX, TORQUE_STEP, FrankaArm, FrankaSettings, _Controller, _newest_state,
-                                     _Outbox)
+from robot_rl.drivers.franka import TORQUE_MAX, TORQUE_STEP, FrankaArm, FrankaSettings, _Controller, _newest_state, _Outbox
 from robot_rl.drivers.safety import SafetyLimits
 
 
