@@ -123,12 +123,12 @@ class _Controller:
 class _Outbox:
     """The control process's messages to the node, written without ever blocking the 1 kHz loop: a node
     that falls behind (a busy host) fills the pipe, and a blocking write stalled the loop 20 cycles into a
-    communication reflex (franka-sim, loaded 2-core host). Not a sender thread either: it waits on the
-    GIL the loop holds, and the node's state stream thinned from 100 Hz to 7-50 Hz. Each message is one
-    multiprocessing.Connection frame (4-byte big-endian length, then the bytes) of at most PIPE_BUF bytes,
-    which a non-blocking pipe writes whole or not at all. States coalesce (the newest replaces one not yet
-    written: the node wants the present); events (refusals, a fatal error) all go, in order; `flush()`,
-    called every cycle, retries what the pipe had no room for."""
+    communication reflex (franka-sim, loaded 2-core host). Not a sender thread either: it must win the GIL
+    from the loop, and the node's state stream thinned (gaps of 16-150 ms where 10 were due). Each message
+    is one multiprocessing.Connection frame (4-byte big-endian length, then the bytes) of at most PIPE_BUF
+    bytes, which a non-blocking pipe writes whole or not at all. States coalesce (the newest replaces one
+    not yet written: the node wants the present); events (refusals, a fatal error) all go, in order;
+    `flush()`, called every cycle, retries what the pipe had no room for."""
 
     def __init__(self, conn):
         self.fd = conn.fileno()

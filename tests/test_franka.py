@@ -91,7 +91,10 @@ def test_a_node_that_stops_reading_never_blocks_the_control_loop():
     assert time.monotonic() - t0 < 1.0  # (blocked, this loop would hang: nobody reads yet)
     refusals: list[str] = []
     seen = []  # each read's newest, until the outbox has nothing left to write
-    while out.flush() is not None and (m := _newest_state(reader, 0.3, refusals)) is not None:
+    while True:
+        out.flush()  # (the loop does, every cycle)
+        if (m := _newest_state(reader, 0.3, refusals)) is None:
+            break
         seen.append(m["i"])
     assert refusals == ["r0", "r1000", "r2000"] and seen[-1] == 2999 and seen == sorted(seen) and len(seen) < 100
     out.put_event({"op": "fatal", "error": "franka control loop: boom " + "y" * 9000})  # cut to fit one frame
