@@ -29,9 +29,9 @@ GOAL = [0.5, 0.1, 0.25]
 # Two cores run franka-sim's and the driver's 1 kHz Python loops beside a dozen nodes here: the arm's state, the
 # cameras and F/T at lower rates, and pose streams stale only after 150 ms (a robot PC keeps the 50 ms default).
 # franka-sim stands for a controller with a machine of its own: the graph and learner run at nice +10 beside it
-# (franka-sim: nice -10, conftest._robot_share). Its communication constraints
-# are met by the driver alone (test_franka); here, on a shared VM whose hypervisor takes the vCPUs away for tens
-# of ms (steal time), they are not enforced — the motion limits are.
+# (franka-sim: nice -10, conftest._robot_share). Its communication constraints are met by the driver alone
+# (test_franka); here, on a shared VM whose hypervisor takes the vCPUs away for tens of ms (steal time), they are
+# not enforced — the motion limits are.
 CELL = """
 name: franka_sim_cell
 kind: hardware
