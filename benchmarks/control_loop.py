@@ -7,7 +7,7 @@ same loop and control law with its rotation algebra done two ways:
 - lean:  robot_rl.geometry's quaternion functions (what drivers/franka.py runs).
 
 Per variant: compute time per cycle (control law + command, after readOnce returns), the share of
-cycles whose state came more than 1 ms after the previous one (the loop fell behind the robot), and
+cycles whose state came more than 1.5 ms after the previous one (the loop missed a state), and
 the communication reflexes (each is recovered and the loop goes on).
 
     python benchmarks/control_loop.py [--seconds 10]
