@@ -86,6 +86,9 @@ def test_readme_commands_run(tmp_path):
             args += ["video=false", f"out={tmp_path}", "progress=false"]
         if args[0] in ("train", "distill"):  # tiny sizes: the learning itself is tested in test_policies
             args += ["train.batch_size=16", "net.down_dims=[16,32,64]", "train.eval_episodes=0", "progress=false"]
+            steps = "train.steps=" if args[0] == "train" else "distill.steps="
+            if not any(a.startswith(steps) for a in args):  # a command on the defaults: shrunk all the same
+                args += [steps + ("20" if args[0] == "train" else "5")]
         if args[0] == "finetune":  # tiny budgets: the loops themselves are tested in test_finetune
             args = [a for a in args if not a.startswith("finetune.rounds=")]
             args += ["finetune.critic_steps=20", "finetune.policy_steps=4", "finetune.gate_every=2",
