@@ -13,6 +13,7 @@ each chunked arm's run are cached under --out.
 
     python benchmarks/finetune.py                              # reach, 1 seed (~30 min on 2 cores)
     python benchmarks/finetune.py --tasks lift,peg_insert --seeds 0,1,2 --rounds 40 --episodes 100
+    python benchmarks/finetune.py --tasks lift --start-only --name finetune_start   # calibrate the weak start
 """
 # ruff: noqa: I001
 
@@ -31,11 +32,12 @@ from _common import emit  # noqa: E402
 
 from robot_rl.cli import compose, task_setup  # noqa: E402
 from robot_rl.learn_cli import env_factory  # noqa: E402
+from robot_rl.learning.evaluate import evaluate  # noqa: E402
 from robot_rl.learning.finetune import FinetuneConfig, finetune_online  # noqa: E402
 from robot_rl.learning.pipeline import PipelineConfig, run_pipeline  # noqa: E402
 from robot_rl.learning.sac import SACConfig, train_rlpd  # noqa: E402
 from robot_rl.learning.train import LoopConfig  # noqa: E402
-from robot_rl.policies.checkpoint import read_config  # noqa: E402
+from robot_rl.policies.checkpoint import load_policy, read_config  # noqa: E402
 
 ARMS = {"rl": {}, "bc_control": {"beta": 0.0, "extraction": "awr"}, "rl_hil": {"operator": "scripted"}}
 
@@ -53,6 +55,9 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="FinetuneConfig overrides for the rl arm, as JSON")
     ap.add_argument("--sac-utd", type=int, default=1, help="RLPD baseline: updates per environment step")
     ap.add_argument("--out", default="outputs/bench_finetune")
+    ap.add_argument("--start-only", action="store_true",
+                    help="build and evaluate the start checkpoint only (calibrating --demos / --train-steps)")
+    ap.add_argument("--name", default="finetune", help="the results record's name")
     args = ap.parse_args()
     ARMS["rl"] = json.loads(args.set)
     figures: dict[str, object] = {}
@@ -69,6 +74,14 @@ def main() -> None:
                                    progress=False)
             res = run_pipeline(start, work)
             make = env_factory(name, setup, read_config(res["student"])["spec_subset"])
+            if args.start_only:  # the start on the evaluation seeds the arms use for "before"
+                t0, env, cfg = time.perf_counter(), make(), FinetuneConfig(eval_episodes=args.episodes)
+                r = evaluate(load_policy(res["student"]), env, name, cfg.eval_episodes, cfg.eval_seed, "cm1")
+                env.close()
+                figures[f"{name}.seed{seed}.start"] = {"success": r.success_rate, "ci95": [round(c, 3) for c in r.ci95],
+                                                       "eval_min": round((time.perf_counter() - t0) / 60, 1)}
+                print(f"{name}.seed{seed}.start", figures[f"{name}.seed{seed}.start"], flush=True)
+                continue
             for arm, overrides in ARMS.items():
                 t0 = time.perf_counter()
                 cfg = FinetuneConfig(rounds=args.rounds, episodes_per_round=args.episodes_per_round,
@@ -93,7 +106,7 @@ def main() -> None:
                 "curve": sac["curve"], "wall_min": round((time.perf_counter() - t0) / 60, 1)}
             print(f"{name}.seed{seed}.rlpd_sac", figures[f"{name}.seed{seed}.rlpd_sac"], flush=True)
     figures["wall_min"] = round((time.perf_counter() - t_all) / 60, 1)
-    emit("finetune", figures, "python benchmarks/finetune.py " + " ".join(sys.argv[1:]))
+    emit(args.name, figures, "python benchmarks/finetune.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
