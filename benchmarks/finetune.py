@@ -75,8 +75,8 @@ def main() -> None:
             res = run_pipeline(start, work)
             make = env_factory(name, setup, read_config(res["student"])["spec_subset"])
             if args.start_only:  # the start on the evaluation seeds the arms use for "before"
-                t0, env, cfg = time.perf_counter(), make(), FinetuneConfig(eval_episodes=args.episodes)
-                r = evaluate(load_policy(res["student"]), env, name, cfg.eval_episodes, cfg.eval_seed, "cm1")
+                t0, env = time.perf_counter(), make()
+                r = evaluate(load_policy(res["student"]), env, name, args.episodes, FinetuneConfig.eval_seed, "cm1")
                 env.close()
                 figures[f"{name}.seed{seed}.start"] = {"success": r.success_rate, "ci95": [round(c, 3) for c in r.ci95],
                                                        "eval_min": round((time.perf_counter() - t0) / 60, 1)}
