@@ -30,6 +30,7 @@ _SLOT_HEADER = struct.Struct("<Qd")  # sequence number, stamp (s); sequence 0 = 
 _MAX_DATAGRAM = 65536
 _FULL_QUEUE_RETRY_S = 0.0002
 LOCKSTEP_SEND_WAIT_S = 2.0  # lock-step: how long a send waits for a consumer that has not read (then drops)
+CONTROL_WAIT_S = 2.0  # commands and their answers (reset, start, welcome...) wait for a slow reader in any mode
 
 
 class LinkError(RuntimeError):
@@ -185,7 +186,7 @@ class WorldLink:
                 for stream in msg.get("streams", []):
                     self.subscribers.setdefault(stream, set()).add(addr)
                 self.ep.send(addr, {"op": "welcome", "cameras": {k: vars(v) for k, v in self.cameras.items()},
-                                    **self.info})
+                                    **self.info}, CONTROL_WAIT_S)
             elif msg.get("op") == "bye":  # a client pauses streams (a camera no one watches is not rendered)
                 for stream in msg.get("streams", []):
                     self.subscribers.get(stream, set()).discard(addr)
@@ -195,8 +196,10 @@ class WorldLink:
         return out
 
     def reply(self, msg: dict[str, Any], answer: dict[str, Any]) -> None:
+        """An answer waits behind a reader's full queue of samples: a dropped `reset_done` would fail
+        the reset it answers (only streams drop in real time)."""
         if "_from" in msg:  # (a message handed over directly, not through the link, has no one to answer)
-            self.ep.send(msg["_from"], answer)
+            self.ep.send(msg["_from"], answer, CONTROL_WAIT_S)
 
     def publish(self, stream: str, msg: dict[str, Any]) -> None:
         subs = self.subscribers.get(stream)
@@ -247,7 +250,8 @@ class LinkClient:
         self.send({"op": "hello" if on else "bye", "streams": self.streams})
 
     def send(self, msg: dict[str, Any]) -> None:
-        if not self.ep.send(self.world, msg):
+        """A command to sim_world (a target, a reset...): waits for a busy sim rather than being dropped."""
+        if not self.ep.send(self.world, msg, CONTROL_WAIT_S):
             raise LinkError(f"sim link: sim_world at {self.dir} is gone")
 
     def recv(self, timeout: float | None = 0.0) -> dict[str, Any] | None:

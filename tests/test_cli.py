@@ -82,6 +82,8 @@ def test_readme_commands_run(tmp_path):
             continue
         for pattern, small in shrink:
             args = [re.sub(pattern, small, a) for a in args]
+        if args[0] == "run" and not any(a.startswith("episodes=") for a in args):  # the default 10, shrunk too
+            args += ["episodes=2"]
         if args[:2] == ["sim", "rollout"] or args[0] == "eval":
             args += ["video=false", f"out={tmp_path}", "progress=false"]
         if args[0] in ("train", "distill"):  # tiny sizes: the learning itself is tested in test_policies
