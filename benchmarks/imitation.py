@@ -9,6 +9,9 @@ took each solution. Resumable: each stage is cached under --out and skipped when
         --episodes 100 --name imitation_lift
     python benchmarks/imitation.py --tasks lift --train-steps 18000 --distill-steps 0 \
         --evals teacher:ddim10 --name imitation_h100                 # the teacher alone (the H100 record)
+    # the budgets in minutes: step counts fitted to this host (2-core VMs differ ~2x per step)
+    python benchmarks/imitation.py --tasks metaworld/push-v3 --teacher-minutes 57 --distill-minutes 28 \
+        --episodes 100 --name imitation_push
 """
 # ruff: noqa: I001
 
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import robot_rl  # noqa: F401  (sets MUJOCO_GL=egl before mujoco loads: keep first)
@@ -27,8 +32,8 @@ from _common import emit  # noqa: E402
 
 from robot_rl.cli import compose, task_setup  # noqa: E402
 from robot_rl.learning.evaluate import evaluate  # noqa: E402
-from robot_rl.learning.pipeline import PipelineConfig, run_pipeline  # noqa: E402
-from robot_rl.learning.train import LoopConfig, train_diffusion  # noqa: E402
+from robot_rl.learning.pipeline import PipelineConfig, collect_demos, run_pipeline  # noqa: E402
+from robot_rl.learning.train import LoopConfig, distill, train_diffusion  # noqa: E402
 from robot_rl.policies.checkpoint import load_policy  # noqa: E402
 from robot_rl.policies.diffusion import BCPolicy  # noqa: E402
 
@@ -39,6 +44,9 @@ def main() -> None:
     ap.add_argument("--demos", type=int, default=50)
     ap.add_argument("--train-steps", type=int, default=2000)
     ap.add_argument("--distill-steps", type=int, default=400)
+    ap.add_argument("--teacher-minutes", type=float, default=0.0,
+                    help="instead of --train-steps: the steps that fit these minutes on this host (timed once)")
+    ap.add_argument("--distill-minutes", type=float, default=0.0, help="the same for --distill-steps")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--images", action="store_true")
     ap.add_argument("--evals", default="teacher:ddim10,student:cm1,student:cm3",
@@ -58,6 +66,8 @@ def main() -> None:
                                                 ckpt_every=200),
                              eval_episodes=args.episodes, progress=False,
                              evals=tuple(tuple(e.split(":")) for e in args.evals.split(",")))
+        if args.teacher_minutes or args.distill_minutes:
+            cfg = fit_budget(cfg, work, args.teacher_minutes, args.distill_minutes)
         res = run_pipeline(cfg, work)
         rows = {f"{r['policy']}_{r['sampler']}": r for r in res["rows"]}
         if name == "reach_around":  # the deterministic baseline on the same data and seeds
@@ -79,16 +89,49 @@ def main() -> None:
         out[f"{name}.paired"] = res["paired"]
         if res["cm1_vs_ddim10"] is not None:
             out[f"{name}.cm1_vs_ddim10"] = round(res["cm1_vs_ddim10"], 4)
-        out[f"{name}.budget"] = {"demos": args.demos, "train_steps": args.train_steps, "distill_steps": args.distill_steps,
+        out[f"{name}.budget"] = {"demos": args.demos, "train_steps": cfg.train.steps, "distill_steps": cfg.distill.steps,
                                  "episodes": args.episodes, "images": args.images,
                                  "wall_min": round((time.perf_counter() - t0) / 60, 1),
-                                 **stage_minutes(work, args.train_steps, args.distill_steps)}
+                                 **stage_minutes(work, cfg.train.steps, cfg.distill.steps)}
         print(name, {k: v for k, v in out.items() if k.startswith(name)}, file=sys.stderr, flush=True)
-    cmd = (f"python benchmarks/imitation.py --tasks {args.tasks} --demos {args.demos} --train-steps {args.train_steps} "
-           f"--distill-steps {args.distill_steps} --episodes {args.episodes}" + (" --images" if args.images else "")
+    steps = (f"--teacher-minutes {args.teacher_minutes:g} --distill-minutes {args.distill_minutes:g}"
+             if args.teacher_minutes or args.distill_minutes else
+             f"--train-steps {args.train_steps} --distill-steps {args.distill_steps}")
+    cmd = (f"python benchmarks/imitation.py --tasks {args.tasks} --demos {args.demos} {steps} "
+           f"--episodes {args.episodes}" + (" --images" if args.images else "")
            + (f" --evals {args.evals}" if args.evals != ap.get_default("evals") else "")
            + (f" --name {args.name}" if args.name != "imitation" else ""))
     emit(args.name, out, cmd)
+
+
+PROBE_STEPS = 30
+
+
+def fit_budget(cfg: PipelineConfig, work: Path, teacher_minutes: float, distill_minutes: float) -> PipelineConfig:
+    """`cfg` with the step counts that fit the minute budgets on this host: each stage timed once
+    (PROBE_STEPS steps on the task's own demonstrations, the warm-up included) and the counts kept in
+    `work/budget.json`, so a resumed run keeps the schedule it started with. A zero budget keeps the steps."""
+    path = work / "budget.json"
+    if not path.exists():
+        store, probe = str(collect_demos(cfg, work)), work / "probe"
+        train_diffusion([store], probe / "teacher", cfg.net, replace(cfg.train, steps=PROBE_STEPS, ckpt_every=0),
+                        use_images=cfg.images, task=cfg.task, progress=False)
+        distill(probe / "teacher", probe / "student", replace(cfg.distill, steps=PROBE_STEPS // 3, ckpt_every=0),
+                dropout=cfg.distill_dropout, progress=False)
+        per_step = {}
+        for stage in ("teacher", "student"):
+            hist = json.loads((probe / stage / "history.json").read_text())
+            per_step[stage] = hist["train_s"] / hist["timed_steps"]
+        shutil.rmtree(probe)
+        path.write_text(json.dumps({
+            "teacher_s_per_step": round(per_step["teacher"], 3), "distill_s_per_step": round(per_step["student"], 3),
+            "train_steps": int(teacher_minutes * 60 / per_step["teacher"]) if teacher_minutes else cfg.train.steps,
+            "distill_steps": int(distill_minutes * 60 / per_step["student"]) if distill_minutes else cfg.distill.steps},
+            indent=2))
+    budget = json.loads(path.read_text())
+    print(f"{cfg.task}: budget {budget}", file=sys.stderr, flush=True)
+    return replace(cfg, train=replace(cfg.train, steps=budget["train_steps"]),
+                   distill=replace(cfg.distill, steps=budget["distill_steps"]))
 
 
 def stage_minutes(work: Path, train_steps: int, distill_steps: int) -> dict[str, float]:

@@ -35,15 +35,14 @@ class PipelineConfig:
     progress: bool = True
 
 
-def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
-    from robot_rl.learn_cli import env_factory
+def collect_demos(cfg: PipelineConfig, out: Path) -> Path:
+    """The scripted demonstrations of `cfg` in `out`'s store (topped up to `cfg.demos`), prepared."""
     from robot_rl.rollout import EpisodeRecorder, make_policy, run_episodes
     from robot_rl.sim import make_env
     from robot_rl.store import EpisodeStore
     from robot_rl.store.tools import prepare
 
-    out = Path(out)
-    store = out / f"{cfg.task.replace('/', '_')}_demos.zarr"
+    store = Path(out) / f"{cfg.task.replace('/', '_')}_demos.zarr"
     have = EpisodeStore(store).n_episodes if (store / "zarr.json").exists() else 0
     if have < cfg.demos:
         setup = {**cfg.setup, **({"obs_mode": "image"} if cfg.images else {})}
@@ -56,6 +55,14 @@ def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
     st = EpisodeStore(store)
     if st.attrs.get("prepared", {}).get("n_steps") != st.n_steps:  # (a cached store is not locked again: runs can share it)
         prepare(store)
+    return store
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path) -> dict:
+    from robot_rl.learn_cli import env_factory
+
+    out = Path(out)
+    store = collect_demos(cfg, out)
     teacher_dir, student_dir = out / "teacher", out / "student"
     if (teacher_dir / "config.json").exists():
         teacher = load_policy(teacher_dir)
