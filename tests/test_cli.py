@@ -23,6 +23,21 @@ def test_sim_list_shows_every_task():
         assert t in r.stdout
 
 
+def test_demo_runs_experts_then_teacher_and_student_into_a_report(tmp_path):
+    """`make demo`'s command on a tiny budget (its learning is tested in test_policies): every stage
+    runs and the report has the expert, success and latency tables."""
+    r = run("demo", "demo.tasks=[reach,lift]", "demo.episodes=2", "demo.learn.demos=3", "demo.learn.train_steps=10",
+            "demo.learn.distill_steps=3", "demo.learn.eval_episodes=2", "net.down_dims=[16,32,64]", "video=false",
+            "progress=false", f"demo.out={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "| reach | 2 |" in report and "| lift | 2 |" in report, report
+    learned = json.loads((tmp_path / "summary.json").read_text())["learned"]
+    assert [(row["policy"], row["sampler"], row["episodes"]) for row in learned["rows"]] == [
+        ("teacher", "ddim10", 2), ("student", "cm1", 2), ("student", "cm3", 2)]
+    assert "speed-up vs DDIM-10" in report and (tmp_path / "learn" / "student" / "curves.png").exists()
+
+
 def test_sim_rollout_prints_a_table_and_writes_summary_and_video(tmp_path):
     r = run("sim", "rollout", "task=reach_around", "policy=scripted", "episodes=4", f"out={tmp_path}")
     assert r.returncode == 0, r.stderr
