@@ -99,7 +99,7 @@ class ConsistencyPolicy(DiffusionPolicy):
         a = self.alphas_cumprod[t].view(-1, 1, 1)
         x = a.sqrt() * a0 + (1 - a).sqrt() * torch.randn_like(a0)
         pred = self.consistency_fn(self.net, x, t, cond)
-        return masked_mean((pred - a0) ** 2, batch.get("action_is_pad"), weights)
+        return masked_mean((pred - a0) ** 2, self.pad_mask(batch), weights)
 
 
 class Distiller:
@@ -140,7 +140,7 @@ class Distiller:
             cond_teacher = self.teacher.condition(batch)
         a0 = s.normalizer.normalize("action", batch["action"].float())
         b = a0.shape[0]
-        pad = batch.get("action_is_pad")
+        pad = s.pad_mask(batch)
         # trajectory term. One-step half: pure noise at the one-step time -> the teacher sampler's chunk
         # from that noise. Other half: noised data at another start time -> the teacher's ODE from there.
         t0, half = start_time(T), b // 2

@@ -38,6 +38,10 @@ class PolicyConfig:
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     image_weights: str | None = None  # optional local ResNet-18 weights (safetensors)
+    # the loss also on the action steps padded past an episode's end (delta dims: zero motion), as
+    # diffusion_policy trains: the only windows that show holding still at the goal when demonstrations
+    # end at success (reach_point / reach, 50 demos, 1000 steps: 65 % / 50 % against 35 % / 25 % masked)
+    loss_on_padding: bool = False
     state_dims: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -111,6 +115,10 @@ class DiffusionPolicy(nn.Module):
         return self.encoder(self.state_tensor(batch), images, image_features)
 
     # ---- training ---------------------------------------------------------------------------------
+    def pad_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The padded action steps the losses skip (none with `loss_on_padding`)."""
+        return None if self.cfg.loss_on_padding else batch.get("action_is_pad")
+
     def compute_loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.condition(batch)
         a0 = self.normalizer.normalize("action", batch["action"].float())
@@ -118,7 +126,7 @@ class DiffusionPolicy(nn.Module):
         t = torch.randint(0, self.cfg.num_train_timesteps, (a0.shape[0],), device=a0.device)
         at = self.noise_scheduler.add_noise(a0, noise, t)
         pred = self.net(at, t, cond)
-        return masked_mean((pred - noise) ** 2, batch.get("action_is_pad"), weights)
+        return masked_mean((pred - noise) ** 2, self.pad_mask(batch), weights)
 
     # ---- sampling -----------------------------------------------------------------------------------
     def scheduler(self, kind: str, steps: int):
@@ -162,7 +170,7 @@ class BCPolicy(DiffusionPolicy):
         cond = self.condition(batch)
         a0 = self.normalizer.normalize("action", batch["action"].float())
         pred = self.net(torch.zeros_like(a0), torch.zeros(a0.shape[0], dtype=torch.long, device=a0.device), cond)
-        return masked_mean((pred - a0) ** 2, batch.get("action_is_pad"), weights)
+        return masked_mean((pred - a0) ** 2, self.pad_mask(batch), weights)
 
     @torch.no_grad()
     def sample_normalized(self, cond, sampler: str = "bc", generator=None, noise=None) -> torch.Tensor:

@@ -25,9 +25,9 @@ from robot_rl.spec import SpecError, check_compatible
 SMALL = {"down_dims": (32, 64, 128), "step_embed_dim": 64}
 
 
-def tiny_policy(image_keys=(), cls=DiffusionPolicy) -> DiffusionPolicy:
+def tiny_policy(image_keys=(), cls=DiffusionPolicy, **cfg_overrides) -> DiffusionPolicy:
     cfg = PolicyConfig(state_keys=("state.ee_pose",), image_keys=image_keys, state_dims={"state.ee_pose": 7},
-                       image_crop=28, **SMALL)
+                       image_crop=28, **SMALL, **cfg_overrides)
     stats = {"state.ee_pose": {"min": [-1] * 7, "max": [1] * 7}, "action": {"min": [-1] * 7, "max": [1] * 7}}
     return cls(cfg, Normalizer.from_stats(stats, ["state.ee_pose", "action"]))
 
@@ -48,6 +48,22 @@ def test_samplers_come_from_diffusers_and_respect_bounds():
         assert s.predict_action(batch, name).shape == (2, 16, 7)
     with pytest.raises(ValueError, match="sampler 'fast'"):
         s.predict_action(batch, "fast")
+
+
+def test_padded_steps_train_only_with_loss_on_padding():
+    """Padded action steps (past an episode's end) are skipped by default; `loss_on_padding` trains on
+    them too. With the network's output held at zero the loss is the mean squared noise over the
+    steps it counts: 10 of 16 here by default, all 16 with the option."""
+    batch = {"state.ee_pose": torch.zeros(4, 2, 7), "action": torch.zeros(4, 16, 7),
+             "action_is_pad": torch.zeros(4, 16, dtype=torch.bool)}
+    batch["action_is_pad"][:, 10:] = True
+    torch.manual_seed(0)
+    noise_sq = torch.randn(4, 16, 7) ** 2
+    for on_padding, expected in ((False, noise_sq[:, :10].mean()), (True, noise_sq.mean())):
+        p = tiny_policy(loss_on_padding=on_padding)
+        p.net.forward = lambda x, t, cond: torch.zeros_like(x)
+        torch.manual_seed(0)
+        assert float(p.compute_loss(batch)) == pytest.approx(float(expected), rel=1e-5), on_padding
 
 
 def test_checkpoint_round_trip_is_exact_and_verified(tmp_path):
