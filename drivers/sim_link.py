@@ -30,7 +30,7 @@ _SLOT_HEADER = struct.Struct("<Qd")  # sequence number, stamp (s); sequence 0 = 
 _MAX_DATAGRAM = 65536
 _FULL_QUEUE_RETRY_S = 0.0002
 LOCKSTEP_SEND_WAIT_S = 2.0  # lock-step: how long a send waits for a consumer that has not read (then drops)
-CONTROL_WAIT_S = 2.0  # commands and their answers (reset, start, welcome...) wait for a slow reader in any mode
+CONTROL_WAIT_S = 2.0  # commands and their answers (target, reset, reset_done...) wait for a slow reader in any mode
 
 
 class LinkError(RuntimeError):
@@ -117,24 +117,29 @@ class _Endpoint:
         self.path = path
         self.dropped = 0  # datagrams dropped on a full peer queue
 
+    def try_send(self, addr: str, data: bytes) -> bool | None:
+        """One non-blocking send: True sent, False the peer's queue is full, None the peer is gone."""
+        try:
+            self.sock.sendto(data, addr)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return None
+            raise
+
     def send(self, addr: str, msg: dict[str, Any], wait_s: float = 0.0) -> bool:
         """Send without blocking; False when the peer is gone (the caller forgets it). A peer's queue
         holds few datagrams (net.unix.max_dgram_qlen, 10 by default): when it is full the sample is
         dropped, or with `wait_s` retried until the peer has read (lock-step loses nothing)."""
         data, deadline = _encode(msg), time.monotonic() + wait_s
-        while True:
-            try:
-                self.sock.sendto(data, addr)
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    self.dropped += 1
-                    return True  # real time: this sample is dropped, the next one will do
-                time.sleep(_FULL_QUEUE_RETRY_S)
-            except OSError as e:
-                if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                    return False
-                raise
+        while (sent := self.try_send(addr, data)) is False:
+            if time.monotonic() >= deadline:
+                self.dropped += 1
+                return True  # real time: this sample is dropped, the next one will do
+            time.sleep(_FULL_QUEUE_RETRY_S)
+        return sent is True
 
     def recv(self, timeout: float | None = 0.0) -> tuple[dict[str, Any], str] | None:
         if timeout and not select.select([self.sock], [], [], timeout)[0]:
@@ -175,9 +180,11 @@ class WorldLink:
         self.info = info
         self.subscribers: dict[str, set[str]] = {}
         self.send_wait_s = LOCKSTEP_SEND_WAIT_S if info.get("mode") == "lockstep" else 0.0
+        self._answers: list[tuple[str, bytes, float]] = []  # (reader, datagram, give-up time), oldest first
 
     def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
         """Drain pending datagrams. Hellos are answered here; everything else is returned."""
+        self._send_answers()
         out, first = [], True
         while (got := self.ep.recv(timeout if first else 0.0)) is not None:
             first = False
@@ -186,7 +193,7 @@ class WorldLink:
                 for stream in msg.get("streams", []):
                     self.subscribers.setdefault(stream, set()).add(addr)
                 self.ep.send(addr, {"op": "welcome", "cameras": {k: vars(v) for k, v in self.cameras.items()},
-                                    **self.info}, CONTROL_WAIT_S)
+                                    **self.info})  # (a client says hello until it is welcomed)
             elif msg.get("op") == "bye":  # a client pauses streams (a camera no one watches is not rendered)
                 for stream in msg.get("streams", []):
                     self.subscribers.get(stream, set()).discard(addr)
@@ -196,10 +203,23 @@ class WorldLink:
         return out
 
     def reply(self, msg: dict[str, Any], answer: dict[str, Any]) -> None:
-        """An answer waits behind a reader's full queue of samples: a dropped `reset_done` would fail
-        the reset it answers (only streams drop in real time)."""
+        """An answer is not dropped for a reader's full queue of samples (a lost `reset_done` failed the
+        reset it answered) and does not stall the sim's loop either: it waits here, in order, and is
+        sent again at each poll until the reader has room (for up to CONTROL_WAIT_S)."""
         if "_from" in msg:  # (a message handed over directly, not through the link, has no one to answer)
-            self.ep.send(msg["_from"], answer, CONTROL_WAIT_S)
+            self._answers.append((msg["_from"], _encode(answer), time.monotonic() + CONTROL_WAIT_S))
+            self._send_answers()
+
+    def _send_answers(self) -> None:
+        waiting, blocked = [], set()
+        for addr, data, deadline in self._answers:
+            if addr in blocked or self.ep.try_send(addr, data) is False:
+                if time.monotonic() < deadline:
+                    waiting.append((addr, data, deadline))
+                    blocked.add(addr)  # the next answers to that reader keep their order
+                else:
+                    self.ep.dropped += 1
+        self._answers = waiting
 
     def publish(self, stream: str, msg: dict[str, Any]) -> None:
         subs = self.subscribers.get(stream)

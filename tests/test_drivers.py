@@ -262,10 +262,14 @@ def test_a_burst_on_the_sim_link_reaches_a_slow_reader_whole_in_lockstep(tmp_pat
     done.set()
     server.join()
 
-    def burst() -> None:
+    done.clear()
+
+    def burst() -> None:  # then the sim's loop goes on polling, as sim_world's does
         for k in range(80):
             world.publish("state", {"op": "state", "k": k})
         world.reply({"_from": str(client.ep.path)}, {"op": "reset_done", "k": "answer"})
+        while not done.is_set():
+            world.poll(0.01)
 
     sender = threading.Thread(target=burst)
     sender.start()
@@ -273,6 +277,7 @@ def test_a_burst_on_the_sim_link_reaches_a_slow_reader_whole_in_lockstep(tmp_pat
     got = []
     while (msg := client.recv(0.5)) is not None:
         got.append(msg["k"])
+    done.set()
     sender.join()
     assert got[-1] == "answer", "the answer behind a full queue arrives in every mode"
     if mode == "lockstep":
