@@ -94,9 +94,8 @@ def main() -> None:
                                  "wall_min": round((time.perf_counter() - t0) / 60, 1),
                                  **stage_minutes(work, cfg.train.steps, cfg.distill.steps)}
         print(name, {k: v for k, v in out.items() if k.startswith(name)}, file=sys.stderr, flush=True)
-    steps = (f"--teacher-minutes {args.teacher_minutes:g} --distill-minutes {args.distill_minutes:g}"
-             if args.teacher_minutes or args.distill_minutes else
-             f"--train-steps {args.train_steps} --distill-steps {args.distill_steps}")
+    steps = (f"--teacher-minutes {args.teacher_minutes:g}" if args.teacher_minutes else f"--train-steps {args.train_steps}") \
+        + (f" --distill-minutes {args.distill_minutes:g}" if args.distill_minutes else f" --distill-steps {args.distill_steps}")
     cmd = (f"python benchmarks/imitation.py --tasks {args.tasks} --demos {args.demos} {steps} "
            f"--episodes {args.episodes}" + (" --images" if args.images else "")
            + (f" --evals {args.evals}" if args.evals != ap.get_default("evals") else "")
