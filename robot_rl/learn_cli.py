@@ -192,10 +192,11 @@ def finetune_config(cfg: DictConfig):
     from robot_rl.learning.finetune import FinetuneConfig
 
     f = cfg.finetune
-    keys = ("reward", "gamma", "extraction", "beta", "max_weight", "q_weight", "batch_size", "critic_lr", "policy_lr",
-            "critic_steps", "policy_steps", "gate_every", "gate_threshold", "redistill_steps", "rounds",
-            "episodes_per_round", "max_env_steps", "explore_std", "select_n", "utd", "policy_every", "demo_ratio",
-            "warm_start", "eval_episodes", "eval_every", "reward_classifier", "operator", "learner_threads")
+    keys = ("reward", "gamma", "extraction", "advantage", "normalize_advantage", "weighting", "beta", "max_weight",
+            "q_weight", "batch_size", "critic_lr", "policy_lr", "critic_steps", "policy_steps", "gate_every",
+            "gate_threshold", "redistill_steps", "rounds", "episodes_per_round", "max_env_steps", "explore_std",
+            "select_n", "utd", "policy_every", "demo_ratio", "warm_start", "eval_episodes", "eval_every",
+            "reward_classifier", "operator", "learner_threads")
     try:
         return FinetuneConfig(**{k: f[k] for k in keys}, critic={"q_loss": str(f.q_loss)}, seed=int(cfg.seed),
                               device=str(cfg.device), eval_seed=int(cfg.train.eval_seed),

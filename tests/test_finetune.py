@@ -72,6 +72,9 @@ def test_standardised_advantage_weights_do_not_depend_on_the_reward_scale():
     w = awr_weights(adv, beta=1.0, max_weight=100.0, normalize=True)
     assert torch.allclose(w, awr_weights(50 * adv, beta=1.0, max_weight=100.0, normalize=True))
     assert float(w.mean()) == pytest.approx(1.0) and float(w.max() / w.min()) > 10 and w.argmax() == 4
+    b = awr_weights(adv, beta=10.0, max_weight=100.0, mode="binary")  # CRR's filter: only what beats V, equally
+    assert b.tolist() == pytest.approx([0.0, 0.0, 0.0, 2.5, 2.5])
+    assert awr_weights(-adv.abs(), beta=10.0, max_weight=100.0, mode="binary").sum() == 0  # nothing to clone
 
 
 def test_chunk_transitions_sum_rewards_and_stop_at_terminals(stores):
@@ -216,7 +219,7 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "offline update" in out.stdout and "before" in out.stdout
     out = run_cli("finetune", *common, "finetune.rounds=1", "finetune.episodes_per_round=2", "finetune.utd=0.1",
-                  f"finetune.out={tmp_path / 'on'}")
+                  "finetune.advantage=mc", "finetune.weighting=binary", f"finetune.out={tmp_path / 'on'}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "on" / "curves.png").exists() and (tmp_path / "on" / "policy" / "config.json").exists()
     from importlib import resources
@@ -224,7 +227,9 @@ def test_finetune_command(stores, weak_teacher, tmp_path):
     scored = tmp_path / "scored_cell.yaml"  # a robot cell that scores reach_point episodes, not reach ones
     shipped = resources.files("robot_rl.hardware_configs") / "franka_panda.yaml"
     scored.write_text(shipped.read_text() + "reward: {kind: reach}\n")
+    assert json.loads((tmp_path / "on" / "report.json").read_text())["config"]["weighting"] == "binary"
     for args, needle in ((["mode=sideways"], "online or offline"), (["finetune.extraction=ddpg_bc"], "one-step"),
+                         (["finetune.weighting=ranked"], "not exp or binary"),
                          (["finetune.actor=ros", "hardware_config=franka_panda"], "needs the cell's own reward"),
                          (["finetune.actor=ros", f"hardware_config={scored}"], "does not score task 'reach'")):
         bad = run_cli("finetune", *common, *args, f"finetune.out={tmp_path / 'bad'}")
