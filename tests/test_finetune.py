@@ -165,7 +165,8 @@ def test_online_rounds_record_every_episode_and_resume_after_a_stop(stores, weak
 
 def test_actor_runs_the_chunk_the_critic_values_most(stores, weak_teacher):
     """select_n: candidates come from the policy; the critic only ranks them. A critic that values
-    +x motion picks the candidate with the most +x motion in its executed steps."""
+    +x motion picks the candidate with the most +x motion in its executed steps — through `act`, the
+    call the actor's rollouts make."""
     policy = load_policy(weak_teacher)
     cfg = policy.cfg
     critic = ChunkCritic(CriticConfig(obs_dim=cfg.n_obs_steps * 14, act_dim=cfg.n_action_steps * 7))
@@ -179,9 +180,8 @@ def test_actor_runs_the_chunk_the_critic_values_most(stores, weak_teacher):
         agent = ExploringAgent(policy, "ddim5", "cpu", std=0.0, critic=critic, select_n=n)
         for seed in range(6):
             agent.reset(np.random.default_rng(seed))
-            agent.obs.append((0, {k: obs[k] for k in agent.keys}))
-            first = cfg.n_obs_steps - 1
-            out.append(agent.plan()[first:first + cfg.n_action_steps, 0].sum())
+            first_action = agent.act(obs)
+            out.append(first_action[0] + sum(a[0] for a in agent.queue))
     env.close()
     assert np.mean(picks) > np.mean(plain), (picks, plain)
 

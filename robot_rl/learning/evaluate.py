@@ -161,8 +161,8 @@ def act_batch(agents: list[ChunkAgent], observations: list[dict]) -> list[np.nda
     for agent, obs in zip(agents, observations):
         agent.observe(obs)
     due = [a for a in agents if not a.queue]
-    if due:
-        for agent, chunk in zip(due, plan_batch(due)):
+    if due:  # a lone agent plans through its own `plan` (the RL actor's critic-ranked selection overrides it)
+        for agent, chunk in zip(due, plan_batch(due) if len(due) > 1 else [due[0].plan()]):
             agent._enqueue(chunk, t0)
     return [np.clip(a.queue.popleft(), -1.0, 1.0).astype(np.float32) for a in agents]
 

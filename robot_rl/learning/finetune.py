@@ -376,7 +376,8 @@ class ExploringAgent(ChunkAgent):
     """The actor: the policy's own sampling noise plus Gaussian noise on each planned chunk
     (`ChunkAgent.explore_std`). With a critic and `select_n` > 1 it samples that many chunks and
     executes the one the critic values most (IDQL's selection, Hansen-Estruch et al. 2023): every
-    candidate comes from the policy, so the critic only ranks actions inside the policy's support."""
+    candidate comes from the policy, so the critic only ranks actions inside the policy's support.
+    It acts alone (`act`), never batched with other agents (`act_batch` of several skips `plan`)."""
 
     def __init__(self, policy, sampler, device, std: float, critic: ChunkCritic | None = None, select_n: int = 1):
         super().__init__(policy, sampler, device, explore_std=std)
@@ -387,10 +388,9 @@ class ExploringAgent(ChunkAgent):
         if self.select_n <= 1:
             return super().plan()
         p, cfg, n = self.policy, self.policy.cfg, self.select_n
-        window = self._window()
-        batch = {k: torch.as_tensor(np.stack([o[k] for _, o in window]))[None].to(self.device) for k in cfg.state_keys}
+        batch, feats, _ = self._inputs()
         noise = torch.randn((n, cfg.horizon, cfg.action_dim), generator=self.generator).to(self.device)
-        cond = p.condition(batch).expand(n, -1)
+        cond = p.condition(batch, feats).expand(n, -1)
         chunks = p.sample_normalized(cond, self.sampler, None, noise)
         first = cfg.n_obs_steps - 1
         q = self.critic.q(p.state_tensor(batch).flatten(1).expand(n, -1),
